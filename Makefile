@@ -1,0 +1,37 @@
+# Two commands work on a fresh machine: `make demo` and `make test` (each runs `setup` first).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint bench-data clean
+
+setup: $(STAMP)
+
+# torch goes in first: DeepSpeed ships only an sdist whose build imports torch, so the project is
+# installed without build isolation (an isolated build would download a second torch).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" "setuptools>=68" wheel
+	$(PIP) install -q "torch>=2.4,<2.16" "torchvision>=0.19,<0.30"
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	@echo "make demo: not built yet (the demo lands with the end-to-end issue)" >&2; exit 1
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not dist"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench-data: setup
+	$(PY) -m trainer.bench data --img-size 384 --workers 1
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
