@@ -1,0 +1,191 @@
+"""The training sample stream: which shards each (rank, worker) reads, in what order, and how many
+batches it yields per epoch.
+
+Everything here is a pure function of (seed, epoch, rank, worker) and the shard sizes in
+`_info.json`, so every rank computes the same plan without talking to the others, and a resumed run
+rebuilds the exact stream from a small position record (see `data.loader`).
+
+Why not `webdataset.WebDataset(...).with_epoch(n)`: with_epoch cuts each worker's stream at a fixed
+count and silently repeats or drops samples when shards are uneven, and its shuffle RNG state cannot
+be saved. We keep webdataset's tar reading and shuffle buffer and own only the plan and the position.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import count, islice
+
+import torch
+from webdataset.filters import shuffle as wds_shuffle
+from webdataset.tariterators import tarfile_samples
+
+from data.info import Shard
+from data.samples import SampleError, decode_sample, wanted_member
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What all ranks agree on: the shards, the split of work, and the randomness."""
+
+    shards: tuple[Shard, ...]
+    batch_size: int
+    world_size: int = 1
+    workers_per_rank: int = 1
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        needed = self.world_size * self.workers_per_rank
+        if len(self.shards) < needed:
+            raise ValueError(
+                f"{len(self.shards)} train shard(s) for {self.world_size} rank(s) x {self.workers_per_rank} "
+                f"worker(s): need at least {needed} shards (re-shard with a smaller --shard-size, or lower "
+                f"data.workers)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def global_workers(self) -> int:
+        return self.world_size * self.workers_per_rank
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """The epoch's shard permutation, shared by all ranks (common seed), before splitting."""
+        order = list(range(len(self.shards)))
+        random.Random(f"shards:{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def worker_shards(self, epoch: int, rank: int, worker: int) -> list[Shard]:
+        """Shards read by one worker of one rank in this epoch (strided over the shuffled order)."""
+        order = self.shard_order(epoch)
+        gid = rank * self.workers_per_rank + worker
+        return [self.shards[i] for i in order[gid::self.global_workers]]
+
+    def batches_per_worker(self, epoch: int) -> int:
+        """Batches every worker yields this epoch: what the poorest worker can fill without repeats."""
+        order = self.shard_order(epoch)
+        totals = [sum(self.shards[i].num_samples for i in order[g::self.global_workers])
+                  for g in range(self.global_workers)]
+        batches = min(totals) // self.batch_size
+        if batches == 0:
+            raise ValueError(f"a data worker gets only {min(totals)} samples this epoch, fewer than one batch "
+                             f"of {self.batch_size}: use smaller batches, fewer workers or bigger shards")
+        return batches
+
+    def steps_per_epoch(self, epoch: int) -> int:
+        """Batches each rank yields in this epoch (equal on all ranks, so collectives never hang)."""
+        return self.batches_per_worker(epoch) * self.workers_per_rank
+
+
+@dataclass
+class SkipTally:
+    """Bad samples skipped since the last batch, by kind and by shard."""
+
+    by_kind: Counter = field(default_factory=Counter)
+    by_shard: Counter = field(default_factory=Counter)
+
+    def add(self, kind: str, shard: str) -> None:
+        self.by_kind[kind] += 1
+        self.by_shard[shard] += 1
+
+    def take(self) -> tuple[dict, dict]:
+        out = dict(self.by_kind), dict(self.by_shard)
+        self.by_kind.clear()
+        self.by_shard.clear()
+        return out
+
+
+def read_shards(shards: list[Shard], tally: SkipTally) -> Iterator[dict]:
+    """Raw samples (bytes only, wanted fields only) of the shards, in order; a broken tar is counted."""
+    current = {"url": ""}
+
+    def on_tar_error(exn: Exception) -> bool:
+        tally.add("bad_tar", current["url"])
+        return True  # keep going with the next member or shard
+
+    for shard in shards:
+        current["url"] = shard.path
+        yield from tarfile_samples(iter([{"url": shard.path}]), handler=on_tar_error, select_files=wanted_member)
+
+
+def raw_stream(plan: StreamPlan, epoch: int, rank: int, worker: int, tally: SkipTally) -> Iterator[dict]:
+    """The worker's endless raw-sample stream for an epoch: its shards, shuffled through a buffer.
+
+    Pass 0 holds every sample of the worker's shards once. Later passes (re-reading the same shards in a
+    new order) only run when bad samples left the worker short of its batch quota; each pass drains
+    its own buffer, so a repeat never overtakes a first-time sample.
+    """
+    shards = plan.worker_shards(epoch, rank, worker)
+    for pass_index in count():
+        rng = random.Random(f"samples:{plan.seed}:{epoch}:{rank}:{worker}:{pass_index}")
+        order = shards if pass_index == 0 else rng.sample(shards, len(shards))
+        initial = min(plan.shuffle_buffer, 100)
+        produced = 0
+        for sample in wds_shuffle(plan.shuffle_buffer, initial, rng=rng)(read_shards(order, tally)):
+            produced += 1
+            yield sample
+        if produced == 0:
+            return  # nothing readable at all: end the stream, the loader reports the shortfall
+
+
+def sample_seed(plan: StreamPlan, epoch: int, rank: int, worker: int, raw_index: int) -> int:
+    """Augmentation seed of one sample: a pure function of its place in the stream (exact resume)."""
+    return random.Random(f"aug:{plan.seed}:{epoch}:{rank}:{worker}:{raw_index}").getrandbits(63)
+
+
+def worker_batches(plan: StreamPlan, epoch: int, rank: int, worker: int, transform: Callable,
+                   start_raw: int = 0, start_batch: int = 0) -> Iterator[dict]:
+    """Batches of one worker, resuming after `start_raw` raw samples and `start_batch` batches.
+
+    Each batch is a dict: image (uint8 or float tensor from `transform`), label, keys, and the
+    bookkeeping the loader needs for position and skip counts (worker, raw_end, skips, skips_by_shard,
+    samples_read).
+    """
+    tally = SkipTally()
+    stream = raw_stream(plan, epoch, rank, worker, tally)
+    # Resume: replay the undecoded stream up to the saved position; costs tar reads, never decoding.
+    stream = islice(stream, start_raw, None)
+    raw_index = start_raw
+    images, labels, keys = [], [], []
+    samples_read = 0
+    quota = plan.batches_per_worker(epoch) - start_batch
+    # Bounds the refill passes when a worker's shards are (nearly) all bad: fail loudly, never spin.
+    unusable_limit = 10 * plan.batch_size + sum(s.num_samples for s in plan.worker_shards(epoch, rank, worker))
+    python_state, torch_state = random.getstate(), torch.get_rng_state()
+    try:
+        for sample in stream:
+            if quota <= 0:
+                break
+            seed = sample_seed(plan, epoch, rank, worker, raw_index)
+            raw_index += 1
+            samples_read += 1
+            try:
+                image, label = decode_sample(sample, plan.num_classes)
+            except SampleError as e:
+                tally.add(e.kind, sample.get("__url__", "?"))
+                if samples_read > unusable_limit:
+                    raise RuntimeError(
+                        f"rank {rank} worker {worker}: {samples_read} samples in a row without one usable "
+                        f"batch; skipped so far by kind: {dict(tally.by_kind)}, by shard: "
+                        f"{dict(tally.by_shard)}") from e
+                continue
+            random.seed(seed)
+            torch.manual_seed(seed)
+            images.append(transform(image))
+            labels.append(label)
+            keys.append(sample["__key__"])
+            if len(images) == plan.batch_size:
+                by_kind, by_shard = tally.take()
+                yield {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long),
+                       "keys": keys, "worker": worker, "raw_end": raw_index, "skips": by_kind,
+                       "skips_by_shard": by_shard, "samples_read": samples_read}
+                images, labels, keys = [], [], []
+                samples_read = 0
+                quota -= 1
+    finally:
+        # Per-sample seeding must not leak into the caller when this runs in the main process.
+        random.setstate(python_state)
+        torch.set_rng_state(torch_state)

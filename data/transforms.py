@@ -1,0 +1,82 @@
+"""DeiT transforms, built with timm (never re-written here).
+
+Workers produce uint8 tensors (timm's prefetcher layout): a quarter of the bytes of float32 through
+the worker queue and the host-to-device copy. Normalisation, random erasing and mixup/cutmix run on
+the batch, on the training device, in `DeviceAugment`, like timm's PrefetchLoader does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.random_erasing import RandomErasing
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The DeiT recipe's augmentation knobs (defaults are DeiT's)."""
+
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    interpolation: str = "bicubic"
+    scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+
+
+def train_transform(img_size: int, aug: AugmentConfig) -> Callable:
+    """PIL image -> uint8 CHW tensor: random-resized crop, flip, RandAugment (timm)."""
+    return create_transform(img_size, is_training=True, scale=aug.scale, hflip=aug.hflip,
+                            auto_augment=aug.auto_augment, interpolation=aug.interpolation,
+                            mean=aug.mean, std=aug.std, use_prefetcher=True)
+
+
+def eval_transform(img_size: int, aug: AugmentConfig) -> Callable:
+    """PIL image -> uint8 CHW tensor: resize to img_size / crop_pct, centre crop (timm)."""
+    return create_transform(img_size, is_training=False, crop_pct=aug.crop_pct,
+                            interpolation=aug.interpolation, mean=aug.mean, std=aug.std, use_prefetcher=True)
+
+
+class DeviceAugment:
+    """Batch-level, on-device half of the pipeline: normalise, random erasing, mixup/cutmix."""
+
+    def __init__(self, aug: AugmentConfig, num_classes: int, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.mean = torch.tensor([255 * m for m in aug.mean], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor([255 * s for s in aug.std], device=self.device).view(1, 3, 1, 1)
+        self.erase = (RandomErasing(aug.reprob, mode="pixel", max_count=1, device=str(self.device))
+                      if aug.reprob > 0 else None)
+        active = aug.mixup > 0 or aug.cutmix > 0
+        self.mixup = (Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
+                            switch_prob=aug.mixup_switch_prob, label_smoothing=aug.smoothing,
+                            num_classes=num_classes) if active else None)
+        self.smoothing, self.num_classes = aug.smoothing, num_classes
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B,3,H,W] -> float32 normalised, on the device."""
+        images = images.to(self.device, non_blocking=True).float()
+        return (images - self.mean) / self.std
+
+    def train(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch -> (normalised, erased, mixed images, soft targets [B, num_classes])."""
+        x = self.normalize(images)
+        y = labels.to(self.device, non_blocking=True)
+        if self.erase is not None:
+            x = self.erase(x)
+        # timm's Mixup needs an even batch; with an odd one we fall back to smoothed one-hot targets.
+        if self.mixup is not None and x.shape[0] % 2 == 0:
+            return self.mixup(x, y)
+        off = self.smoothing / self.num_classes
+        target = torch.full((y.shape[0], self.num_classes), off, device=self.device)
+        target.scatter_(1, y.unsqueeze(1), 1.0 - self.smoothing + off)
+        return x, target
