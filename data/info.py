@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import tarfile
+import warnings
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
@@ -67,11 +68,15 @@ def load_info(directory: str) -> dict:
 def count_tar_samples(path: str) -> int:
     """Count samples (distinct keys) in a tar by reading its headers only."""
     keys = set()
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if member.isreg():
-                base = os.path.basename(member.name)
-                keys.add(os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]))
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if member.isreg():
+                    base = os.path.basename(member.name)
+                    keys.add(os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]))
+    except tarfile.TarError as e:
+        # A damaged shard still counts what is readable; the stream skips and counts the rest.
+        warnings.warn(f"{path}: unreadable tar after {len(keys)} samples ({e})", stacklevel=2)
     return len(keys)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import count, islice
 
+import numpy as np
 import torch
 from webdataset.filters import shuffle as wds_shuffle
 from webdataset.tariterators import tarfile_samples
@@ -154,7 +155,7 @@ def worker_batches(plan: StreamPlan, epoch: int, rank: int, worker: int, transfo
     quota = plan.batches_per_worker(epoch) - start_batch
     # Bounds the refill passes when a worker's shards are (nearly) all bad: fail loudly, never spin.
     unusable_limit = 10 * plan.batch_size + sum(s.num_samples for s in plan.worker_shards(epoch, rank, worker))
-    python_state, torch_state = random.getstate(), torch.get_rng_state()
+    rng_states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
         for sample in stream:
             if quota <= 0:
@@ -172,7 +173,9 @@ def worker_batches(plan: StreamPlan, epoch: int, rank: int, worker: int, transfo
                         f"batch; skipped so far by kind: {dict(tally.by_kind)}, by shard: "
                         f"{dict(tally.by_shard)}") from e
                 continue
+            # timm's augmentations draw from python's, numpy's and torch's global generators.
             random.seed(seed)
+            np.random.seed(seed % 2**32)
             torch.manual_seed(seed)
             images.append(transform(image))
             labels.append(label)
@@ -187,5 +190,6 @@ def worker_batches(plan: StreamPlan, epoch: int, rank: int, worker: int, transfo
                 quota -= 1
     finally:
         # Per-sample seeding must not leak into the caller when this runs in the main process.
-        random.setstate(python_state)
-        torch.set_rng_state(torch_state)
+        random.setstate(rng_states[0])
+        np.random.set_state(rng_states[1])
+        torch.set_rng_state(rng_states[2])
