@@ -1,0 +1,109 @@
+"""Analytic MACs of a timm ViT, dense or with live-token counts per stage (what the papers report).
+
+Per block: (sum of its linear weights) * n + 2 * n^2 * A, with n = live tokens incl. prefix tokens
+and A the attention width; for DeiT this is the familiar 12 n C^2 + 2 n^2 C. Plus the patch embed,
+the classifier head and the gates' own cost. Norms, activations and softmax are not counted (as in
+the DynamicViT / AS-ViT tables). Works on meta-device models: only weight shapes are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ViTCost:
+    """Shape facts of a timm ViT that fix its MACs."""
+
+    patch_size: tuple[int, int]
+    num_prefix: int
+    patch_macs: int  # per patch: conv kernel volume x embed dim
+    head_macs: int
+    block_linear: tuple[int, ...]  # per token, per block
+    block_attn_dim: tuple[int, ...]
+
+
+def _linear_weights(module: nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+def vit_cost(vit: nn.Module) -> ViTCost:
+    """Read the MAC-relevant shapes off a timm VisionTransformer."""
+    patch = vit.patch_embed.patch_size
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    attn_dims = []
+    for blk in vit.blocks:
+        attn = blk.attn
+        attn_dims.append(getattr(attn, "attn_dim", attn.num_heads * attn.head_dim))
+    heads = [getattr(vit, name, None) for name in ("head", "head_dist")]  # distilled DeiT has two
+    heads = [h for h in heads if isinstance(h, nn.Module)]
+    return ViTCost(
+        patch_size=patch,
+        num_prefix=vit.num_prefix_tokens,
+        patch_macs=_linear_weights(vit.patch_embed),
+        head_macs=sum(_linear_weights(h) for h in heads),
+        block_linear=tuple(_linear_weights(blk) for blk in vit.blocks),
+        block_attn_dim=tuple(attn_dims),
+    )
+
+
+def num_patches(cost: ViTCost, img_size: int | tuple[int, int]) -> int:
+    """Patch tokens at an input size: (H // p) * (W // p); 196 at 224/16, 576 at 384/16."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    return (h // cost.patch_size[0]) * (w // cost.patch_size[1])
+
+
+def block_macs(cost: ViTCost, index: int, tokens: float | torch.Tensor) -> float | torch.Tensor:
+    """MACs of block `index` on `tokens` live tokens (incl. prefix); tensors stay differentiable."""
+    return cost.block_linear[index] * tokens + 2 * tokens * tokens * cost.block_attn_dim[index]
+
+
+def pruned_macs(
+    cost: ViTCost,
+    patches: int,
+    locations: list[int],
+    kept: list[float | torch.Tensor],
+    gate_macs: list[float | torch.Tensor],
+) -> float | torch.Tensor:
+    """Whole-model MACs when kept[s] patch tokens live from block locations[s] on.
+
+    Entries of kept may be numbers or per-sample tensors [B] (then the result is [B], and carries
+    the gradient of a straight-through mask sum: the AS-ViT budget loss needs it).
+    """
+    total = cost.patch_macs * patches + cost.head_macs + sum(gate_macs)
+    live: float | torch.Tensor = patches
+    stage = 0
+    for index in range(len(cost.block_linear)):
+        if stage < len(locations) and index == locations[stage]:
+            live = kept[stage]
+            stage += 1
+        total = total + block_macs(cost, index, live + cost.num_prefix)
+    return total
+
+
+def dense_macs(cost: ViTCost, patches: int) -> float:
+    """MACs of the unpruned model on `patches` patch tokens."""
+    return float(pruned_macs(cost, patches, [], [], []))
+
+
+def count_flops(
+    model: nn.Module, img_size: int | tuple[int, int], keep_counts: list[int] | None = None
+) -> float:
+    """GMACs per image of a timm ViT, a Teacher, or a PrunedViT student at img_size.
+
+    Students: keep_counts if given; else the kept counts of the last eval forward at this size;
+    else DynamicViT's deterministic int(N rho^s) schedule; for AS-ViT (whose counts depend on the
+    image) one eval forward of a fixed synthetic image at batch 1, i.e. what the thresholds give.
+    """
+    vit = getattr(model, "vit", model)
+    cost = vit_cost(vit)
+    patches = num_patches(cost, img_size)
+    if not hasattr(model, "gates") or not len(model.gates):
+        return dense_macs(cost, patches) / 1e9
+    counts = list(keep_counts) if keep_counts is not None else model.eval_keep_counts(img_size)
+    if len(counts) != len(model.locations):
+        raise ValueError(f"keep_counts needs {len(model.locations)} entries (one per gate), got {counts}")
+    return float(model.macs(patches, counts)) / 1e9

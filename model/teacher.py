@@ -1,0 +1,49 @@
+"""The frozen dense teacher: a plain timm ViT that supplies logits and final tokens for distillation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.backbone import build_vit
+from model.checkpoint import load_checkpoint
+
+
+@dataclass
+class TeacherOutput:
+    """Distillation targets."""
+
+    logits: torch.Tensor  # [B, K]
+    tokens: torch.Tensor  # [B, N, C] final-normed patch tokens, same layout as StudentOutput.tokens
+
+
+class Teacher(nn.Module):
+    """Dense timm ViT (`.vit`), always in eval mode with frozen weights; run it under inference_mode."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Teacher:
+        """Stay in eval whatever is asked: a loop calling model.train() must not turn on dropout here."""
+        del mode
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> TeacherOutput:
+        """Logits and final-normed patch tokens (prefix tokens excluded)."""
+        features = self.vit.forward_features(images)
+        return TeacherOutput(self.vit.forward_head(features), features[:, self.vit.num_prefix_tokens:])
+
+
+def create_teacher(arch: str, checkpoint: str | Path | None = None, **timm_kwargs: Any) -> Teacher:
+    """Frozen dense teacher of `arch`; checkpoint: a timm/DeiT file or a saved student (gates ignored)."""
+    teacher = Teacher(build_vit(arch, **timm_kwargs))
+    if checkpoint is not None:
+        load_checkpoint(teacher, checkpoint)
+    return teacher
