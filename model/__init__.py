@@ -4,12 +4,15 @@ Imports nothing distributed (no deepspeed, accelerate or torch.distributed): bac
 modules from outside.
 """
 
+from model.backbone import TINY_ARCH, TINY_VIT_KWARGS
 from model.flops import count_flops
 from model.gates import default_locations
 from model.student import PrunedViT, StudentOutput, create_student
 from model.teacher import Teacher, TeacherOutput, create_teacher
 
 __all__ = [
+    "TINY_ARCH",
+    "TINY_VIT_KWARGS",
     "PrunedViT",
     "StudentOutput",
     "Teacher",

@@ -8,6 +8,12 @@ import timm
 import torch
 from torch import nn
 
+# The tiny flavour used by tests and smoke runs: the same code path as DeiT, milliseconds on a CPU.
+TINY_ARCH = "vit_tiny_patch16_224"
+TINY_VIT_KWARGS = {
+    "img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2, "num_classes": 10,
+}
+
 _VIT_PARTS = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "forward_head")
 
 

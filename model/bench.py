@@ -1,0 +1,180 @@
+"""Side-by-side timings of dense vs pruned models, in one process (ratios are what count on shared CPUs).
+
+    python -m model.bench inference --arch deit_small_patch16_224 --gate dynamicvit --keep-ratio 0.7 \
+        --batch-size 16 --device cpu
+    python -m model.bench train-step --arch deit_small_patch16_224 --gate dynamicvit --batch-size 16
+
+Each prints one JSON line. Dense and pruned calls alternate after a warm-up and the medians are
+compared, so load from other processes hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from model.flops import count_flops
+from model.student import PrunedViT, create_student
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(
+    fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, iters: int
+) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved so background load is shared."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _autocast(device: torch.device, dtype: str) -> torch.autocast:
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[dtype], enabled=dtype != "fp32")
+
+
+def _environment(device: torch.device, dtype: str) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    return {"device": name, "dtype": dtype, "torch": torch.__version__, "timm": timm.__version__}
+
+
+def bench_inference(
+    arch: str = "deit_small_patch16_224",
+    gate: str = "dynamicvit",
+    keep_ratio: float = 0.7,
+    flops_budget: float = 0.65,
+    batch_size: int = 16,
+    img_size: int | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    warmup: int = 2,
+    iters: int = 10,
+) -> dict[str, Any]:
+    """Eval-mode img/s of the dense timm model vs the pruned student (same weights), and their GMACs."""
+    dev = torch.device(device)
+    student = create_student(arch, gate, keep_ratio, flops_budget, img_size=img_size).eval().to(dev)
+    size = student.vit.patch_embed.img_size
+    images = torch.randn(batch_size, 3, *size, device=dev)
+    with torch.inference_mode(), _autocast(dev, dtype):
+        seconds = time_alternating(
+            {"dense": lambda: student.vit(images), "pruned": lambda: student(images)}, dev, warmup, iters
+        )
+        student(images)  # the counts below are those of this batch size (AS-ViT depends on it)
+    dense_g, pruned_g = count_flops(student.vit, size), count_flops(student, size)
+    return {
+        "bench": "inference", "arch": arch, "gate": gate, "keep_ratio": keep_ratio, "batch_size": batch_size,
+        "img_size": list(size), "dense_img_s": round(batch_size / seconds["dense"], 2),
+        "pruned_img_s": round(batch_size / seconds["pruned"], 2),
+        "speedup": round(seconds["dense"] / seconds["pruned"], 3),
+        "gmacs_dense": round(dense_g, 3), "gmacs_pruned": round(pruned_g, 3),
+        "gmacs_ratio": round(dense_g / pruned_g, 3), "keep_counts": student.last_keep_counts,
+        "iters": iters, **_environment(dev, dtype),
+    }
+
+
+def _train_step(
+    model: PrunedViT, images: torch.Tensor, labels: torch.Tensor, dev: torch.device, dtype: str
+) -> None:
+    with _autocast(dev, dtype):
+        out = model(images)
+        loss = F.cross_entropy(out.logits, labels)
+        if out.keep_masks:
+            # Stand-in for the gate losses so their backward is timed too.
+            loss = loss + sum((m.mean() - 0.5) ** 2 for m in out.keep_masks) + 0.0 * out.flops.mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def bench_train_step(
+    arch: str = "deit_small_patch16_224",
+    gate: str = "dynamicvit",
+    keep_ratio: float = 0.7,
+    flops_budget: float = 0.65,
+    batch_size: int = 16,
+    img_size: int | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    warmup: int = 1,
+    iters: int = 5,
+) -> dict[str, Any]:
+    """Training-mode forward+backward seconds of the gated student vs the same model without gates."""
+    dev = torch.device(device)
+    gated = create_student(arch, gate, keep_ratio, flops_budget, img_size=img_size).train().to(dev)
+    dense = PrunedViT(copy.deepcopy(gated.vit), gate="none").train().to(dev)
+    size = gated.vit.patch_embed.img_size
+    images = torch.randn(batch_size, 3, *size, device=dev)
+    labels = torch.randint(0, gated.vit.num_classes, (batch_size,), device=dev)
+    seconds = time_alternating(
+        {
+            "dense": lambda: _train_step(dense, images, labels, dev, dtype),
+            "gated": lambda: _train_step(gated, images, labels, dev, dtype),
+        },
+        dev, warmup, iters,
+    )
+    return {
+        "bench": "train-step", "arch": arch, "gate": gate, "keep_ratio": keep_ratio, "batch_size": batch_size,
+        "img_size": list(size), "dense_step_s": round(seconds["dense"], 4),
+        "gated_step_s": round(seconds["gated"], 4), "overhead": round(seconds["gated"] / seconds["dense"], 3),
+        "iters": iters, **_environment(dev, dtype),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options shared by both benchmarks (also used by `python -m trainer.bench`)."""
+    parser.add_argument("--arch", default="deit_small_patch16_224")
+    parser.add_argument("--gate", default="dynamicvit", choices=["dynamicvit", "asvit"])
+    parser.add_argument("--keep-ratio", type=float, default=0.7)
+    parser.add_argument("--flops-budget", type=float, default=0.65)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES))
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark named by args.bench with parsed options."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fn = bench_inference if args.bench == "inference" else bench_train_step
+    names = ("arch", "gate", "keep_ratio", "flops_budget", "batch_size", "img_size", "device", "dtype")
+    kwargs = {k: getattr(args, k) for k in names}
+    kwargs.update({k: getattr(args, k) for k in ("warmup", "iters") if getattr(args, k) is not None})
+    return fn(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry: one JSON line on stdout."""
+    parser = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("bench", choices=["inference", "train-step"])
+    add_arguments(parser)
+    print(json.dumps(run(parser.parse_args(argv))), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
