@@ -47,13 +47,18 @@ class TrainLoader:
     """
 
     def __init__(self, plan: StreamPlan, rank: int, transform: Callable, max_skip_fraction: float = 0.01,
-                 min_samples_for_skip_check: int = 256, pin_memory: bool = False, prefetch_factor: int = 2):
+                 min_samples_for_skip_check: int = 256, pin_memory: bool = False, prefetch_factor: int = 2,
+                 use_processes: bool | None = None):
         if not 0 <= rank < plan.world_size:
             raise ValueError(f"rank {rank} outside world size {plan.world_size}")
         self.plan, self.rank, self.transform = plan, rank, transform
         self.max_skip_fraction = max_skip_fraction
         self.min_samples_for_skip_check = min_samples_for_skip_check
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        # One worker may still run in its own process (decode overlapped with training); several must.
+        self.use_processes = plan.workers_per_rank > 1 if use_processes is None else use_processes
+        if not self.use_processes and plan.workers_per_rank > 1:
+            raise ValueError(f"{plan.workers_per_rank} workers per rank need worker processes")
         self.epoch = 0
         self.batches_in_epoch = 0
         self.raw_offsets = [0] * plan.workers_per_rank
@@ -104,8 +109,9 @@ class TrainLoader:
         done = [sum(1 for i in range(self.batches_in_epoch) if i % W == w) for w in range(W)]
         dataset = _EpochWorkers(self.plan, self.epoch, self.rank, self.transform, self.raw_offsets, done,
                                 rotation=self.batches_in_epoch % W)
-        loader = DataLoader(dataset, batch_size=None, num_workers=W if W > 1 else 0,
-                            pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if W > 1 else None)
+        procs = W if self.use_processes else 0
+        loader = DataLoader(dataset, batch_size=None, num_workers=procs, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch_factor if procs else None)
         for batch in loader:
             want = self.batches_in_epoch % W
             if batch["worker"] != want:

@@ -1,0 +1,89 @@
+"""Accelerate (DDP + autocast) behind the Backend interface. The only module importing accelerate."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from trainer.backends.base import Backend
+
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+class AccelerateBackend(Backend):
+    """Model and optimizer go through `accelerator.prepare`; the data loader never does (it would make
+    rank 0 read everything): our loaders split by rank themselves."""
+
+    name = "accelerate"
+
+    def __init__(self, precision: str, accum_steps: int, grad_clip: float):
+        self.accelerator = Accelerator(mixed_precision=MIXED_PRECISION[precision],
+                                       gradient_accumulation_steps=accum_steps, cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.grad_clip = grad_clip
+        self._model = self._optimizer = None
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._model, self._optimizer = self.accelerator.prepare(model, optimizer)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self._model)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._optimizer.param_groups
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.autocast()
+
+    def accumulate(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.accumulate(self._model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def step(self) -> dict[str, float]:
+        if not self.accelerator.sync_gradients:
+            return {}
+        norm = float("nan")
+        if self.grad_clip > 0:
+            norm = float(self.accelerator.clip_grad_norm_(self._model.parameters(), self.grad_clip))
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": norm, "skipped": float(self._optimizer.step_was_skipped)}
+
+    def skip_micro_batch(self) -> None:
+        # accumulate() counted this micro-batch; drop whatever gradient the step has gathered so far
+        # only at the boundary, where the optimizer would have consumed it.
+        if self.accelerator.sync_gradients:
+            self._optimizer.zero_grad(set_to_none=True)
+
+    def save(self, directory: str) -> None:
+        self.accelerator.save_state(directory, safe_serialization=True)
+
+    def load(self, directory: str) -> None:
+        self.accelerator.load_state(directory)
+
+    def loss_scale(self) -> float | None:
+        scaler = self.accelerator.scaler
+        return float(scaler.get_scale()) if scaler is not None else None
+
+
+def unwrap_state_dict(directory: str) -> dict[str, torch.Tensor]:
+    """The student's weights from an Accelerate checkpoint directory (model.safetensors)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, "model.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory}: no model.safetensors (not an Accelerate checkpoint?)")
+    return load_file(path)

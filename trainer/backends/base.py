@@ -1,0 +1,70 @@
+"""The one small interface the training loop talks to; DeepSpeed and Accelerate live behind it."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+
+class Backend(ABC):
+    """Prepare the student, run backward/step, save/load; the teacher never passes through here."""
+
+    name: str
+    device: torch.device
+    input_dtype: torch.dtype = torch.float32
+    """dtype the model's inputs must have (DeepSpeed casts the module itself, Accelerate autocasts)."""
+
+    @abstractmethod
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Wrap the student and its optimizer for distributed mixed-precision training."""
+
+    @property
+    @abstractmethod
+    def model(self) -> torch.nn.Module:
+        """The wrapped student, to call for forward passes."""
+
+    @property
+    @abstractmethod
+    def module(self) -> torch.nn.Module:
+        """The unwrapped student (for attributes, FLOPs counting, eval overlays)."""
+
+    @property
+    @abstractmethod
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer groups the LR function writes into."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for the student's forward (none by default)."""
+        return contextlib.nullcontext()
+
+    def accumulate(self) -> contextlib.AbstractContextManager:
+        """Context around one micro-batch's forward+backward (gradient sync only at the boundary)."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (loss scaling and accumulation are the backend's)."""
+
+    @abstractmethod
+    def step(self) -> dict[str, float]:
+        """Clip + optimizer step at an accumulation boundary, then zero grads; returns grad_norm and
+        whether the backend skipped the update (fp16 overflow)."""
+
+    @abstractmethod
+    def skip_micro_batch(self) -> None:
+        """Drop this micro-batch's contribution (non-finite loss on some rank): no backward, no update."""
+
+    @abstractmethod
+    def save(self, directory: str) -> None:
+        """Write model + optimizer state (all ranks call; each writes its shard)."""
+
+    @abstractmethod
+    def load(self, directory: str) -> None:
+        """Restore what `save` wrote."""
+
+    def loss_scale(self) -> float | None:
+        """Current fp16 loss scale, if any (for logging)."""
+        return None

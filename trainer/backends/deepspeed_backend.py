@@ -1,0 +1,95 @@
+"""DeepSpeed ZeRO (1/2/3, bf16/fp16) behind the Backend interface. The only module importing deepspeed."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import deepspeed
+import torch
+
+from trainer.backends.base import Backend
+
+
+class DeepSpeedBackend(Backend):
+    """`deepspeed.initialize` with our optimizer and a ds_config whose "auto" fields we filled."""
+
+    name = "deepspeed"
+
+    def __init__(self, ds_config: dict[str, Any], timeout_minutes: int = 30):
+        from datetime import timedelta
+
+        cuda = torch.cuda.is_available()
+        # On CPU DeepSpeed picks its CPU accelerator; gloo is the backend that needs nothing installed.
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.ds_config = ds_config
+        if ds_config.get("bf16", {}).get("enabled"):
+            self.input_dtype = torch.bfloat16
+        elif ds_config.get("fp16", {}).get("enabled"):
+            self.input_dtype = torch.float16
+        self.engine = None
+        self._skipped_before = 0
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model.to(self.device)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.engine.optimizer.param_groups
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The engine divides by the accumulation steps itself; no manual scaling here.
+        self.engine.backward(loss)
+
+    def step(self) -> dict[str, float]:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if not boundary:
+            return {}
+        norm = self.engine.get_global_grad_norm()
+        skipped = self.engine.skipped_steps > self._skipped_before
+        self._skipped_before = self.engine.skipped_steps
+        return {"grad_norm": float(norm) if norm is not None else float("nan"), "skipped": float(skipped)}
+
+    def skip_micro_batch(self) -> None:
+        # Nothing was backpropagated, so there is nothing to undo: the engine's micro-step counter does
+        # not advance and its gradient buffers are untouched.
+        pass
+
+    def save(self, directory: str) -> None:
+        # save_latest=False: DeepSpeed writes `latest` before every rank has finished; ours is written
+        # only after the completion marker (trainer.checkpoint).
+        root, tag = os.path.split(os.path.normpath(directory))
+        self.engine.save_checkpoint(root, tag=tag, save_latest=False)
+
+    def load(self, directory: str) -> None:
+        root, tag = os.path.split(os.path.normpath(directory))
+        path, _ = self.engine.load_checkpoint(root, tag=tag, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
+
+    def loss_scale(self) -> float | None:
+        if self.ds_config.get("fp16", {}).get("enabled"):
+            return float(self.engine.optimizer.cur_scale) if hasattr(self.engine.optimizer, "cur_scale") else None
+        return None
+
+
+def consolidate_fp32(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """fp32 state dict of the student from a ZeRO-1/2/3 checkpoint, via DeepSpeed's own zero_to_fp32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root, tag = os.path.split(os.path.normpath(checkpoint_dir))
+    return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)

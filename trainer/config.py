@@ -1,0 +1,480 @@
+"""The typed run configuration: dataclasses loaded from YAML and overridden with `--set a.b=v`.
+
+Every check that can fail runs here, before any process group or model exists, and names the key and
+the value. Defaults are the DeiT-S/224 DynamicViT recipe (DESIGN section 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+GATES = ("dynamicvit", "asvit", "none")
+PRECISIONS = ("bf16", "fp16", "fp32")
+BACKENDS = ("deepspeed", "accelerate")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and the value."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Train shards: a directory with `_info.json` (its `train` split) or a brace pattern of tar files."""
+    val: str = ""
+    """Eval shards: a directory (its `val` split) or a brace pattern; empty disables evaluation."""
+    batch_size: int = 64
+    """Micro-batch per device (per rank)."""
+    global_batch_size: int = 0
+    """Optional check: must equal batch_size x world size x accum_steps when set (0 = derived)."""
+    eval_batch_size: int = 0
+    """Eval batch per device (0 = batch_size)."""
+    workers: int = 4
+    """Loader worker processes per rank (0 = decode in the training process)."""
+    shuffle_buffer: int = 2000
+    """Samples held in each worker's shuffle buffer."""
+    max_skip_fraction: float = 0.01
+    """Stop the run when more than this fraction of the samples read were unusable."""
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment spec ('' disables)."""
+    reprob: float = 0.25
+    """Random-erasing probability."""
+    mixup: float = 0.8
+    """Mixup alpha (0 disables)."""
+    cutmix: float = 1.0
+    """CutMix alpha (0 disables)."""
+    smoothing: float = 0.1
+    """Label smoothing."""
+    crop_pct: float = 0.0
+    """Eval centre-crop fraction (0 = the timm model's pretrained config)."""
+    log_keys: bool = False
+    """Debug: write every consumed sample key to `<run>/keys_rank<r>.txt`."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "deit_small_patch16_224"
+    """Any timm ViT name."""
+    img_size: int = 224
+    """Training and eval resolution."""
+    num_classes: int = 1000
+    """Classifier width."""
+    checkpoint: str = ""
+    """Local weights for the student's backbone (timm/DeiT format or an export of ours)."""
+    drop_path: float = 0.1
+    """Stochastic depth rate."""
+    kwargs: dict = field(default_factory=dict)
+    """Extra timm.create_model kwargs (e.g. a tiny test model: patch_size, depth, embed_dim, num_heads)."""
+
+
+@dataclass
+class TeacherConfig:
+    enabled: bool = True
+    """Distil from a dense teacher (needed for the kd and tok terms)."""
+    arch: str = ""
+    """timm name (empty = model.arch)."""
+    checkpoint: str = ""
+    """Local teacher weights; empty = the student's checkpoint (the dense model being pruned)."""
+    kwargs: dict = field(default_factory=dict)
+    """Extra timm kwargs (empty = model.kwargs)."""
+
+
+@dataclass
+class PruneConfig:
+    gate: str = "dynamicvit"
+    """dynamicvit | asvit | none."""
+    keep_ratio: float = 0.7
+    """DynamicViT rho: stage s keeps rho^s of the patch tokens."""
+    flops_budget: float = 0.65
+    """AS-ViT target FLOPs as a fraction of the dense model."""
+    locations: list = field(default_factory=list)
+    """0-based block indices of the gates (empty = the paper defaults, scaled with depth)."""
+    w_ratio: float = 2.0
+    """DynamicViT keep-ratio loss weight (5 for DeiT-B)."""
+    w_flops: float = 2.0
+    """AS-ViT FLOPs-budget loss weight."""
+    w_kd: float = 0.5
+    """Logit distillation weight (KL teacher || student)."""
+    w_tok: float = 0.5
+    """Token distillation weight (DynamicViT only)."""
+    kd_temperature: float = 1.0
+    """Distillation temperature."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Gate LR for a global batch of 1024 (scaled linearly with the global batch when scale_lr)."""
+    scale_lr: bool = True
+    """Scale lr by global batch / 1024 (the DeiT rule)."""
+    min_lr: float = 1e-6
+    """Cosine floor."""
+    warmup_steps: int = -1
+    """Linear warm-up steps (-1 = 5% of training)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (none on norms, biases, tokens, thresholds)."""
+    backbone_lr_scale: float = 0.01
+    """Backbone LR relative to the gates."""
+    backbone_frozen_fraction: float = 1 / 6
+    """Fraction of training during which the backbone LR is 0."""
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW eps."""
+    grad_clip: float = 1.0
+    """Global grad-norm clip (0 = off); set explicitly because DeepSpeed's default changed in 0.19.3."""
+    accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+
+
+@dataclass
+class TrainSchedule:
+    steps: int = 0
+    """Optimizer steps (0 = derived from epochs)."""
+    epochs: float = 0.0
+    """Epochs over data.train when steps is 0."""
+    seed: int = 0
+    """Seeds the data order, augmentation and model randomness (all pure functions of the step)."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss."""
+
+
+@dataclass
+class BackendConfig:
+    name: str = "deepspeed"
+    """deepspeed | accelerate."""
+    ds_config: str = "ds_configs/zero2.json"
+    """DeepSpeed JSON; fields we own are "auto" and filled from this config."""
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    """Log metrics every this many steps."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0 = only at the end)."""
+    tensorboard: bool = True
+    """Write TensorBoard events under <run>/tb."""
+    token_images: int = 4
+    """Eval images with kept-token overlays per eval."""
+    progress: str = "auto"
+    """auto (tqdm on a terminal) | bar | lines."""
+
+
+@dataclass
+class CkptConfig:
+    every: int = 0
+    """Checkpoint every this many steps (0 = only at the end)."""
+    keep: int = 3
+    """Complete checkpoints kept."""
+    resume: str = "auto"
+    """auto (from <run>/checkpoints/latest if any) | none | a checkpoint directory."""
+    allow_pickle: bool = False
+    """Allow checkpoints that need pickle (only for files you trust)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name: the run directory is runs/<name> unless dir is set."""
+    dir: str = ""
+    """Run directory."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSchedule = field(default_factory=TrainSchedule)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    precision: str = "bf16"
+    """bf16 | fp16 | fp32."""
+    log: LogConfig = field(default_factory=LogConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return self.run.dir or os.path.join("runs", self.run.name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: YAML + overrides, with type checks that name the key.
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    prefix, _, leaf = key.rpartition(".")
+    close = difflib.get_close_matches(leaf, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join((prefix + '.' if prefix else '') + c for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint} (valid here: {', '.join(valid)})")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check `value` against the field type; ints are accepted for floats, nothing else is converted."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        typ = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(typ)
+    base = origin or typ
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is float and isinstance(value, str) and value.lower() in ("nan", "inf", "-inf", ".nan"):
+        return float(value.replace(".", ""))
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key '{key}' expects {getattr(base, '__name__', base)}, "
+                      f"got {type(value).__name__} {value!r}")
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    types_ = _field_types(type(obj))
+    for name, value in values.items():
+        key = prefix + name
+        if name not in types_:
+            raise _unknown_key(key, list(types_))
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is a section; expected a mapping, got {value!r}")
+            _apply(current, value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, types_[name]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=v` -> ('a.b', v) with v parsed as YAML (so 0.5, true, [3, 6, 9] get their types)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `--set` overrides, type-checked; call `validate` next."""
+    cfg = Config()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: invalid YAML ({e})") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        _apply(cfg, values)
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(cfg, _nest(key, value))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: everything that can be checked without a process group or a model.
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> Config:
+    """Raise ConfigError naming the first invalid key; returns cfg for chaining."""
+    p, o, d, m = cfg.prune, cfg.optim, cfg.data, cfg.model
+    _check(p.gate in GATES, "prune.gate", p.gate, f"must be one of {GATES}")
+    _check(_finite(p.keep_ratio) and 0 < p.keep_ratio <= 1, "prune.keep_ratio", p.keep_ratio, "must be in (0, 1]")
+    _check(_finite(p.flops_budget) and 0 < p.flops_budget <= 1, "prune.flops_budget", p.flops_budget,
+           "must be in (0, 1]")
+    for name in ("w_ratio", "w_flops", "w_kd", "w_tok"):
+        v = getattr(p, name)
+        _check(_finite(v) and v >= 0, f"prune.{name}", v, "must be a finite number >= 0")
+    _check(_finite(p.kd_temperature) and p.kd_temperature > 0, "prune.kd_temperature", p.kd_temperature,
+           "must be > 0")
+    _check(all(isinstance(i, int) and i >= 0 for i in p.locations), "prune.locations", p.locations,
+           "must be non-negative block indices")
+    _check(list(p.locations) == sorted(set(p.locations)), "prune.locations", p.locations,
+           "must be strictly increasing")
+    _check(cfg.precision in PRECISIONS, "precision", cfg.precision, f"must be one of {PRECISIONS}")
+    _check(cfg.backend.name in BACKENDS, "backend.name", cfg.backend.name, f"must be one of {BACKENDS}")
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    _check(d.eval_batch_size >= 0, "data.eval_batch_size", d.eval_batch_size, "must be >= 0")
+    _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
+    _check(_finite(d.max_skip_fraction) and 0 <= d.max_skip_fraction <= 1, "data.max_skip_fraction",
+           d.max_skip_fraction, "must be in [0, 1]")
+    for name in ("reprob", "smoothing"):
+        v = getattr(d, name)
+        _check(_finite(v) and 0 <= v < 1, f"data.{name}", v, "must be in [0, 1)")
+    _check(_finite(d.mixup) and d.mixup >= 0 and _finite(d.cutmix) and d.cutmix >= 0, "data.mixup/cutmix",
+           (d.mixup, d.cutmix), "alphas must be >= 0")
+    _check(o.accum_steps >= 1, "optim.accum_steps", o.accum_steps, "must be >= 1")
+    if d.global_batch_size:
+        _check(d.global_batch_size == d.batch_size * world_size * o.accum_steps, "data.global_batch_size",
+               d.global_batch_size,
+               f"must equal data.batch_size ({d.batch_size}) x world size ({world_size}) x optim.accum_steps "
+               f"({o.accum_steps}) = {d.batch_size * world_size * o.accum_steps}")
+    _check(_finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(_finite(o.min_lr) and 0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, "must be in [0, optim.lr]")
+    _check(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(_finite(o.backbone_lr_scale) and o.backbone_lr_scale >= 0, "optim.backbone_lr_scale",
+           o.backbone_lr_scale, "must be >= 0")
+    _check(_finite(o.backbone_frozen_fraction) and 0 <= o.backbone_frozen_fraction < 1,
+           "optim.backbone_frozen_fraction", o.backbone_frozen_fraction, "must be in [0, 1)")
+    _check(_finite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
+    _check(len(o.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
+           "must be two numbers in [0, 1)")
+    t = cfg.train
+    _check(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
+    _check(_finite(t.epochs) and t.epochs >= 0, "train.epochs", t.epochs, "must be >= 0")
+    _check(t.steps > 0 or t.epochs > 0, "train.steps", t.steps, "set train.steps or train.epochs")
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
+    _check(m.img_size >= 1, "model.img_size", m.img_size, "must be >= 1")
+    _check(m.num_classes >= 1, "model.num_classes", m.num_classes, "must be >= 1")
+    _check(_finite(m.drop_path) and 0 <= m.drop_path < 1, "model.drop_path", m.drop_path, "must be in [0, 1)")
+    _check(cfg.log.every >= 1, "log.every", cfg.log.every, "must be >= 1")
+    _check(cfg.log.eval_every >= 0, "log.eval_every", cfg.log.eval_every, "must be >= 0")
+    _check(cfg.log.progress in ("auto", "bar", "lines"), "log.progress", cfg.log.progress,
+           "must be auto, bar or lines")
+    _check(cfg.ckpt.every >= 0, "ckpt.every", cfg.ckpt.every, "must be >= 0")
+    _check(cfg.ckpt.keep >= 1, "ckpt.keep", cfg.ckpt.keep, "must be >= 1")
+    if cfg.teacher.enabled is False:
+        _check(p.w_kd == 0 and p.w_tok == 0, "teacher.enabled", False,
+               "prune.w_kd and prune.w_tok must be 0 without a teacher")
+    _validate_model_shape(cfg)
+    if cfg.backend.name == "deepspeed":
+        load_ds_config(cfg, world_size)
+    if check_paths:
+        _validate_paths(cfg)
+    return cfg
+
+
+def _validate_model_shape(cfg: Config) -> None:
+    """Resolution vs patch size and gate locations vs depth, from the timm model built on the meta device."""
+    import timm
+    import torch
+
+    m = cfg.model
+    _check(timm.is_model(m.arch), "model.arch", m.arch, "not a timm model name")
+    if cfg.teacher.arch:
+        _check(timm.is_model(cfg.teacher.arch), "teacher.arch", cfg.teacher.arch, "not a timm model name")
+    # The meta device allocates nothing, so even DeiT-B is checked in milliseconds.
+    with torch.device("meta"):
+        try:
+            vit = timm.create_model(m.arch, pretrained=False, num_classes=m.num_classes, **m.kwargs)
+        except TypeError as e:
+            raise ConfigError(f"model.kwargs={m.kwargs!r}: rejected by timm ({e})") from e
+    patch = vit.patch_embed.patch_size[0]
+    depth = len(vit.blocks)
+    _check(m.img_size % patch == 0, "model.img_size", m.img_size, f"must be divisible by the patch size {patch}")
+    if cfg.prune.locations:
+        _check(max(cfg.prune.locations) < depth, "prune.locations", cfg.prune.locations,
+               f"must be < the model depth {depth}")
+
+
+def _validate_paths(cfg: Config) -> None:
+    from data.info import resolve_split
+
+    _check(bool(cfg.data.train), "data.train", cfg.data.train, "required: a shard directory or pattern")
+    for key, spec, split in (("data.train", cfg.data.train, "train"), ("data.val", cfg.data.val, "val")):
+        if not spec:
+            continue
+        try:
+            resolve_split(spec, split)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{key}={spec!r}: {e}") from e
+    for key, path in (("model.checkpoint", cfg.model.checkpoint), ("teacher.checkpoint", cfg.teacher.checkpoint)):
+        _check(not path or os.path.isfile(path), key, path, "file not found")
+
+
+# ---------------------------------------------------------------------------------------------------
+# DeepSpeed JSON: we own batch, accumulation, clipping and precision; the file says "auto" for them.
+
+
+def _fill(ds: dict, path: tuple[str, ...], value: Any, file: str) -> None:
+    node = ds
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    key = ".".join(path)
+    current = node.get(path[-1], "auto")
+    if current == "auto":
+        node[path[-1]] = value
+    elif current != value:
+        raise ConfigError(f"{file}: '{key}' is {current!r} but the run config gives {value!r}; "
+                          f"set it to \"auto\" (the trainer fills it) or make them agree")
+
+
+def load_ds_config(cfg: Config, world_size: int) -> dict:
+    """Read backend.ds_config and fill its "auto" fields from our config; conflicts are errors."""
+    path = cfg.backend.ds_config
+    if not os.path.isfile(path):
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+        if not os.path.isfile(here):
+            known = sorted(os.listdir(os.path.dirname(here))) if os.path.isdir(os.path.dirname(here)) else []
+            raise ConfigError(f"backend.ds_config={path!r}: file not found (shipped: {known})")
+        path = here
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"backend.ds_config={path!r}: invalid JSON ({e})") from e
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    _check(stage in (0, 1, 2, 3), f"{path}: zero_optimization.stage", stage, "must be 0, 1, 2 or 3")
+    micro, accum = cfg.data.batch_size, cfg.optim.accum_steps
+    _fill(ds, ("train_micro_batch_size_per_gpu",), micro, path)
+    _fill(ds, ("gradient_accumulation_steps",), accum, path)
+    _fill(ds, ("train_batch_size",), micro * accum * world_size, path)
+    _fill(ds, ("gradient_clipping",), float(cfg.optim.grad_clip), path)
+    _fill(ds, ("bf16", "enabled"), cfg.precision == "bf16", path)
+    _fill(ds, ("fp16", "enabled"), cfg.precision == "fp16", path)
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"{path}: no value for \"auto\" field(s) {leftover}; the trainer fills only batch, "
+                          f"accumulation, clipping and precision")
+    return ds
+
+
+def _walk(node: dict, prefix: str = ""):
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v

@@ -1,0 +1,78 @@
+"""Rank helpers that also work in a single process without a process group (composer/nanochat style)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    """True once a process group is up."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank (0 without a process group; the launcher's RANK before it starts)."""
+    return dist.get_rank() if is_dist() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group; the launcher's WORLD_SIZE before it starts)."""
+    return dist.get_world_size() if is_dist() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    """Rank within the node, from the launcher's environment."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def single_process_env() -> None:
+    """Without a launcher, describe a world of one so process groups start without MPI discovery."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only."""
+    if rank() == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def barrier() -> None:
+    """Barrier across ranks; a no-op in one process."""
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum, max or min) of a tensor; identity in one process."""
+    if is_dist():
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (a one-element list in one process)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank if `flag` is True on any rank (so all ranks take the same branch)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce(t, "max").item() > 0)

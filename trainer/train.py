@@ -1,0 +1,322 @@
+"""Train a token-pruned ViT student, distilled from its dense teacher. One process per device.
+
+    python -m trainer.train --config FILE [--set a.b=v ...]
+    deepspeed --num_gpus N --module trainer.train --config FILE
+    torchrun --nproc_per_node N -m trainer.train --config FILE
+    accelerate launch -m trainer.train --config FILE --set backend.name=accelerate
+
+The loop reads top to bottom: one `train()` function, periodic work under `if step % every == 0`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from data import (
+    SKIP_KINDS,
+    AugmentConfig,
+    DeviceAugment,
+    EvalLoader,
+    StreamPlan,
+    TrainLoader,
+    eval_transform,
+    resolve_split,
+    train_transform,
+)
+from model import count_flops, create_student, create_teacher
+from trainer import checkpoint as ckpt
+from trainer import dist
+from trainer.backends import create_backend
+from trainer.config import Config, ConfigError, load_config, validate
+from trainer.evaluation import evaluate
+from trainer.losses import LossWeights, compute_losses
+from trainer.metrics import MetricsLogger, write_json
+from trainer.optim import LRSchedule, apply_lr, build_optimizer
+from trainer.visualize import overlay_grid
+
+
+PER_STEP = ("grad_norm", "skipped")  # backend.step() values: one per optimizer step, not per micro-batch
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many non-finite steps, a checkpoint that does not fit)."""
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Model and mixup randomness as a pure function of (seed, step, rank): nothing to checkpoint."""
+    s = random.Random(f"step:{seed}:{step}:{rank}").getrandbits(63)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def augment_config(cfg: Config, crop_pct: float) -> AugmentConfig:
+    """The data section's augmentation knobs as data.AugmentConfig."""
+    d = cfg.data
+    return AugmentConfig(auto_augment=d.auto_augment or None, reprob=d.reprob, mixup=d.mixup, cutmix=d.cutmix,
+                         smoothing=d.smoothing, crop_pct=crop_pct)
+
+
+def build_models(cfg: Config, device: torch.device):
+    """(student, teacher or None, dense GMACs); identical weights on every rank (same seed)."""
+    m, t = cfg.model, cfg.teacher
+    torch.manual_seed(cfg.train.seed)
+    student = create_student(m.arch, gate=cfg.prune.gate, keep_ratio=cfg.prune.keep_ratio,
+                             flops_budget=cfg.prune.flops_budget, locations=cfg.prune.locations or None,
+                             img_size=m.img_size, num_classes=m.num_classes, checkpoint=m.checkpoint or None,
+                             drop_path_rate=m.drop_path, **m.kwargs)
+    teacher = None
+    if t.enabled:
+        teacher = create_teacher(t.arch or m.arch, checkpoint=(t.checkpoint or m.checkpoint) or None,
+                                 img_size=m.img_size, num_classes=m.num_classes, **(t.kwargs or m.kwargs))
+        # Inference only: never handed to a backend. bf16 on GPU halves its cost; fp32 on CPU.
+        teacher.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return student, teacher, count_flops(student.vit, m.img_size)
+
+
+def total_steps(cfg: Config, loader: TrainLoader) -> int:
+    """Optimizer steps of the run: train.steps, or epochs worth of micro-batches / accumulation."""
+    if cfg.train.steps:
+        return cfg.train.steps
+    whole = int(cfg.train.epochs)
+    micro = sum(loader.steps_per_epoch(e) for e in range(whole))
+    micro += round((cfg.train.epochs - whole) * loader.steps_per_epoch(whole))
+    return max(1, micro // cfg.optim.accum_steps)
+
+
+def resolve_resume(cfg: Config, root: str) -> str | None:
+    """The checkpoint to resume from (complete ones only), or None; torn ones are reported."""
+    if cfg.ckpt.resume == "none":
+        return None
+    for torn in ckpt.incomplete_checkpoints(root):
+        dist.print0(f"ignoring incomplete checkpoint (no {ckpt.MARKER} marker): {torn}")
+    if cfg.ckpt.resume == "auto":
+        return ckpt.find_latest(root)
+    if not ckpt.is_complete(cfg.ckpt.resume):
+        raise TrainingError(f"ckpt.resume={cfg.ckpt.resume!r}: not a complete checkpoint (no {ckpt.MARKER})")
+    return cfg.ckpt.resume
+
+
+def train(cfg: Config) -> dict:
+    """Run training as configured; returns the summary (also written to <run>/summary.json)."""
+    start_time = time.time()
+    backend = create_backend(cfg, dist.world_size())
+    rank, world, device = dist.rank(), dist.world_size(), backend.device
+    run_dir = cfg.run_dir
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+    student, teacher, dense_gmacs = build_models(cfg, device)
+    crop_pct = cfg.data.crop_pct or student.vit.pretrained_cfg.get("crop_pct", 0.875)
+    aug = augment_config(cfg, crop_pct)
+    img = cfg.model.img_size
+    split = resolve_split(cfg.data.train, "train")
+    plan = StreamPlan(split.shards, cfg.data.batch_size, world, max(1, cfg.data.workers), cfg.train.seed,
+                      cfg.data.shuffle_buffer, cfg.model.num_classes)
+    loader = TrainLoader(plan, rank, train_transform(img, aug), cfg.data.max_skip_fraction,
+                         pin_memory=device.type == "cuda", use_processes=cfg.data.workers > 0)
+    eval_loader = None
+    if cfg.data.val:
+        val = resolve_split(cfg.data.val, "val")
+        eval_loader = EvalLoader(val.shards, cfg.data.eval_batch_size or cfg.data.batch_size, rank, world,
+                                 eval_transform(img, aug), cfg.model.num_classes, cfg.data.workers,
+                                 image_shape=(3, img, img))
+    device_aug = DeviceAugment(aug, cfg.model.num_classes, device)
+
+    steps = total_steps(cfg, loader)
+    global_batch = cfg.data.batch_size * world * cfg.optim.accum_steps
+    base_lr = cfg.optim.lr * (global_batch / 1024 if cfg.optim.scale_lr else 1.0)
+    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps >= 0 else int(0.05 * steps)
+    schedule = LRSchedule(base_lr, steps, min(warmup, steps), min(cfg.optim.min_lr, base_lr))
+    optimizer = build_optimizer(student, base_lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), cfg.optim.eps,
+                                cfg.optim.backbone_lr_scale, int(cfg.optim.backbone_frozen_fraction * steps))
+    backend.prepare(student, optimizer)
+    weights = LossWeights(ratio=cfg.prune.w_ratio, flops=cfg.prune.w_flops, kd=cfg.prune.w_kd if teacher else 0.0,
+                          tok=cfg.prune.w_tok if teacher else 0.0, kd_temperature=cfg.prune.kd_temperature)
+
+    step, bad_in_a_row, bad_total = 0, 0, 0
+    resume_from = resolve_resume(cfg, ckpt_root)
+    if resume_from:
+        saved_world = ckpt.checkpoint_world_size(resume_from)
+        if saved_world != world:
+            raise TrainingError(
+                f"{resume_from} was written by {saved_world} ranks, this run has {world}: resume with "
+                f"{saved_world} ranks, or export the weights (python -m trainer.export --checkpoint "
+                f"{resume_from} --out w.safetensors) and start a new run with model.checkpoint=w.safetensors")
+        backend.load(resume_from)
+        state = ckpt.load_trainer_state(resume_from, rank)
+        loader.load_state_dict(state["data"])
+        step, bad_total = state["step"], state.get("bad_steps", 0)
+        dist.print0(f"resumed from {resume_from} at step {step}")
+
+    log = MetricsLogger(run_dir, rank == 0, steps, step, cfg.log.tensorboard, cfg.log.progress)
+    log.text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```")
+    keys_file = open(os.path.join(run_dir, f"keys_rank{rank}.txt"), "a") if cfg.data.log_keys else None
+    student_module = backend.module
+    batches = iter(loader)
+    window = defaultdict(float)
+    window_steps, data_wait, window_start = 0, 0.0, time.time()
+    last_eval: dict = {}
+
+    def run_eval(at_step: int) -> dict:
+        def overlays(batch: dict, _x: torch.Tensor) -> None:
+            grid = overlay_grid(batch["image"], student_module.last_keep_indices or [],
+                                student_module.vit.patch_embed.grid_size, cfg.log.token_images)
+            if grid is not None:
+                log.image("eval/kept_tokens", grid, at_step)
+
+        result = evaluate(backend.model, student_module, eval_loader, device_aug.normalize, device,
+                          backend.input_dtype, img, teacher,
+                          teacher_dtype=next(teacher.parameters()).dtype if teacher else torch.float32,
+                          on_first_batch=overlays if cfg.log.token_images else None)
+        backend.model.train()
+        log.log(at_step, result, kind="eval")
+        return result
+
+    while step < steps:
+        backend.model.train()
+        lrs = apply_lr(_LRTarget(backend.param_groups), step, schedule)
+        seed_step(cfg.train.seed, step, rank)
+        result: dict[str, float] = {}
+        for _ in range(cfg.optim.accum_steps):
+            t0 = time.time()
+            batch = next(batches)
+            data_wait += time.time() - t0
+            if keys_file is not None:
+                keys_file.write(f"{step} {' '.join(batch['keys'])}\n")
+            x, targets = device_aug.train(batch["image"], batch["label"])
+            with backend.accumulate():
+                with backend.autocast():
+                    out = backend.model(x.to(backend.input_dtype))
+                teacher_out = None
+                if teacher is not None:
+                    with torch.inference_mode():
+                        t_raw = teacher(x.to(next(teacher.parameters()).dtype))
+                    # Inference tensors cannot be saved for backward: take plain copies for the losses.
+                    teacher_out = type(t_raw)(t_raw.logits.clone(), t_raw.tokens.clone())
+                terms = compute_losses(out, targets, teacher_out, weights, cfg.prune.gate, cfg.prune.keep_ratio,
+                                       cfg.prune.flops_budget, dense_gmacs)
+                # Every rank takes the same branch, or the next collective would hang.
+                if dist.any_rank(not bool(torch.isfinite(terms["total"]).item())):
+                    if cfg.optim.accum_steps > 1:
+                        raise TrainingError(f"non-finite loss at step {step} with optim.accum_steps > 1: "
+                                            f"skipping needs accum_steps=1")
+                    backend.skip_micro_batch()
+                    bad_in_a_row += 1
+                    bad_total += 1
+                    dist.print0(f"step {step}: non-finite loss on some rank, update skipped "
+                                f"({bad_in_a_row} in a row)")
+                    if bad_in_a_row >= cfg.train.max_bad_steps:
+                        raise TrainingError(f"{bad_in_a_row} consecutive non-finite steps (train.max_bad_steps="
+                                            f"{cfg.train.max_bad_steps}); last loss terms: "
+                                            f"{ {k: float(v) for k, v in terms.items()} }")
+                    continue
+                bad_in_a_row = 0
+                backend.backward(terms["total"])
+                result = backend.step() or result
+            for k, v in terms.items():
+                window[k] += float(v.detach())
+            window["gmacs"] += float(out.flops.detach().float().mean())
+            for s, r in enumerate(out.keep_ratios.tolist()):
+                window[f"keep_ratio/stage{s}"] += r
+            window["micro"] += 1
+        step += 1
+        window_steps += 1
+        for k, v in result.items():
+            window[k] += v
+        log.advance()
+
+        if step % cfg.log.every == 0 or step == steps:
+            # Means over the window and over ranks (sums reduced, then divided).
+            keys = sorted(window)
+            vals = dist.all_reduce(torch.tensor([window[k] for k in keys], dtype=torch.float64))
+            micro = max(float(vals[keys.index("micro")]), 1.0)
+            elapsed = time.time() - window_start
+            scalars = {k: float(v) / (window_steps * world if k in PER_STEP else micro)
+                       for k, v in zip(keys, vals.tolist(), strict=True) if k != "micro"}
+            scalars["loss"] = scalars.pop("total")
+            scalars.update({f"lr/{name}": lr for name, lr in lrs.items()})
+            scalars["img_per_s"] = micro * cfg.data.batch_size / max(elapsed, 1e-9)
+            scalars["data_wait_fraction"] = data_wait / max(elapsed, 1e-9)
+            skips = dist.all_reduce(torch.tensor([loader.skips.get(k, 0) for k in SKIP_KINDS], dtype=torch.float64))
+            scalars.update({f"data/skipped_{k}": float(v) for k, v in zip(SKIP_KINDS, skips.tolist(), strict=True)})
+            scalars["bad_steps"] = float(bad_total)
+            if backend.loss_scale() is not None:
+                scalars["loss_scale"] = backend.loss_scale()
+            log.log(step, scalars)
+            window.clear()
+            window_steps, data_wait, window_start = 0, 0.0, time.time()
+
+        if (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step == steps:
+            state = {"step": step, "data": loader.state_dict(), "bad_steps": bad_total, "backend": backend.name}
+            path = ckpt.save_checkpoint(backend, ckpt_root, step, state, cfg.ckpt.keep)
+            dist.print0(f"saved checkpoint {path}")
+        if eval_loader is not None and ((cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == steps):
+            last_eval = run_eval(step)
+
+    if keys_file is not None:
+        keys_file.close()
+    skips = dist.all_reduce(torch.tensor([loader.skips.get(k, 0) for k in SKIP_KINDS], dtype=torch.float64))
+    summary = {"steps": step, "wall_seconds": round(time.time() - start_time, 2), "world_size": world,
+               "backend": backend.name, "precision": cfg.precision, "gate": cfg.prune.gate,
+               "gmacs_dense": dense_gmacs, "bad_steps": bad_total,
+               "skipped_samples": {k: int(v) for k, v in zip(SKIP_KINDS, skips.tolist(), strict=True)},
+               **last_eval}
+    if rank == 0:
+        write_json(os.path.join(run_dir, "summary.json"), summary)
+    log.close()
+    dist.barrier()
+    return summary
+
+
+class _LRTarget:
+    """Adapter so `apply_lr` (which takes an optimizer) can write into any backend's param groups."""
+
+    def __init__(self, param_groups: list[dict]):
+        self.param_groups = param_groups
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """--config, --set (repeatable), and the --local_rank that the DeepSpeed launcher appends."""
+    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="YAML config (see trainer/configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set prune.keep_ratio=0.6 (repeatable)")
+    p.add_argument("--resume", help="shorthand for --set ckpt.resume=VALUE (auto | none | DIR)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: load and validate the config before any process group exists, then train."""
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    overrides = list(args.overrides) + ([f"ckpt.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = validate(load_config(args.config, overrides), world_size=dist.world_size())
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    summary = train(cfg)
+    top1 = summary.get("student_top1")
+    dist.print0(f"done: {summary['steps']} steps in {summary['wall_seconds']} s"
+                + (f", student top-1 {top1:.2f}" if top1 is not None and math.isfinite(top1) else ""))
+
+
+if __name__ == "__main__":
+    main()
