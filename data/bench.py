@@ -29,8 +29,9 @@ from importlib.metadata import version
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from timm.data import create_dataset
+from timm.data.auto_augment import RandAugment
 from torch.utils.data import DataLoader
 
 from data.convert import convert, list_classes, scan_tree
@@ -79,6 +80,31 @@ def make_synthetic_folder(root: str, num_images: int, num_classes: int = SYNTHET
         with open(os.path.join(class_dir, f"img_{i:06d}.jpg"), "wb") as f:
             f.write(synthetic_jpeg(i))
     return root
+
+
+def posterize_or_black(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """timm's posterize, with 0 bits kept meaning a black image (Pillow < 13) instead of a ValueError."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def tolerate_zero_bit_posterize(transform) -> int:
+    """Patch this transform's RandAugment posterize ops in place; returns how many were patched.
+
+    timm 1.0.31's PosterizeIncreasing turns magnitude 10 (m9 + mstd0.5 noise, clipped) into 0 bits, which
+    Pillow 13 rejects: about 0.1% of train_transform calls raise. Both loaders share this transform object,
+    so the patch keeps their work equal; the real fix belongs in data.transforms.
+    """
+    patched = 0
+    for t in getattr(transform, "transforms", ()):
+        for op in t.ops if isinstance(t, RandAugment) else ():
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize_or_black
+                patched += 1
+    return patched
 
 
 def _take(batches: Iterator, warmup: int, images: int) -> float:
@@ -148,6 +174,7 @@ def run_data_bench(data_dir: str | None, img_size: int = 384, workers: int = 1, 
                              f"{len(files)} images: convert the same tree with no val split")
 
         transform = train_transform(img_size, AugmentConfig())
+        patched = tolerate_zero_bit_posterize(transform)
         # A new seed each round: other shuffles and augmentation draws, so no round is a lucky one.
         seeds = [seed + r for r in range(rounds)]
         plans = [StreamPlan(split.shards, batch_size, workers_per_rank=workers, seed=s,
@@ -190,7 +217,7 @@ def run_data_bench(data_dir: str | None, img_size: int = 384, workers: int = 1, 
             "ratio": round(ours_img_s / timm_img_s, 3),
             "ours_rounds_img_s": [round(x, 2) for x in ours],
             "timm_rounds_img_s": [round(x, 2) for x in theirs],
-            "source": source,
+            "source": source, "patched_posterize_ops": patched,
             "source_images": len(files), "mean_jpeg_kb": round(mean_kb, 1),
             "loadavg_start": [round(x, 2) for x in load_start],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()], **_host_info()}

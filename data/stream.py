@@ -59,10 +59,14 @@ class StreamPlan:
         random.Random(f"shards:{self.seed}:{epoch}").shuffle(order)
         return order
 
+    def global_worker(self, rank: int, worker: int) -> int:
+        """Index of a worker among all ranks' workers."""
+        return rank * self.workers_per_rank + worker
+
     def worker_shards(self, epoch: int, rank: int, worker: int) -> list[Shard]:
         """Shards read by one worker of one rank in this epoch (strided over the shuffled order)."""
         order = self.shard_order(epoch)
-        gid = rank * self.workers_per_rank + worker
+        gid = self.global_worker(rank, worker)
         return [self.shards[i] for i in order[gid::self.global_workers]]
 
     def batches_per_worker(self, epoch: int) -> int:
@@ -120,8 +124,9 @@ def raw_stream(plan: StreamPlan, epoch: int, rank: int, worker: int, tally: Skip
     its own buffer, so a repeat never overtakes a first-time sample.
     """
     shards = plan.worker_shards(epoch, rank, worker)
+    gid = plan.global_worker(rank, worker)
     for pass_index in count():
-        rng = random.Random(f"samples:{plan.seed}:{epoch}:{rank}:{worker}:{pass_index}")
+        rng = random.Random(f"samples:{plan.seed}:{epoch}:{gid}:{pass_index}")
         order = shards if pass_index == 0 else rng.sample(shards, len(shards))
         initial = min(plan.shuffle_buffer, 100)
         produced = 0
@@ -133,8 +138,13 @@ def raw_stream(plan: StreamPlan, epoch: int, rank: int, worker: int, tally: Skip
 
 
 def sample_seed(plan: StreamPlan, epoch: int, rank: int, worker: int, raw_index: int) -> int:
-    """Augmentation seed of one sample: a pure function of its place in the stream (exact resume)."""
-    return random.Random(f"aug:{plan.seed}:{epoch}:{rank}:{worker}:{raw_index}").getrandbits(63)
+    """Augmentation seed of one sample: a pure function of its place in the stream (exact resume).
+
+    Keyed by the global worker id, not (rank, worker): 2 ranks x 1 worker and 1 rank x 2 workers then
+    produce the same samples, which is what makes their losses comparable.
+    """
+    gid = plan.global_worker(rank, worker)
+    return random.Random(f"aug:{plan.seed}:{epoch}:{gid}:{raw_index}").getrandbits(63)
 
 
 def worker_batches(plan: StreamPlan, epoch: int, rank: int, worker: int, transform: Callable,

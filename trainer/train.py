@@ -53,9 +53,13 @@ class TrainingError(RuntimeError):
     """The run cannot go on (too many non-finite steps, a checkpoint that does not fit)."""
 
 
-def seed_step(seed: int, step: int, rank: int) -> None:
-    """Model and mixup randomness as a pure function of (seed, step, rank): nothing to checkpoint."""
-    s = random.Random(f"step:{seed}:{step}:{rank}").getrandbits(63)
+def seed_micro_batch(seed: int, step: int, index: int) -> None:
+    """Model and mixup randomness as a pure function of (seed, step, global micro-batch index).
+
+    Nothing to checkpoint, and index = rank x accum_steps + micro makes 2 ranks x 1 micro-batch draw
+    exactly what 1 rank x 2 micro-batches draws.
+    """
+    s = random.Random(f"step:{seed}:{step}:{index}").getrandbits(63)
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
@@ -190,9 +194,9 @@ def train(cfg: Config) -> dict:
     while step < steps:
         backend.model.train()
         lrs = apply_lr(_LRTarget(backend.param_groups), step, schedule)
-        seed_step(cfg.train.seed, step, rank)
         result: dict[str, float] = {}
-        for _ in range(cfg.optim.accum_steps):
+        for micro in range(cfg.optim.accum_steps):
+            seed_micro_batch(cfg.train.seed, step, rank * cfg.optim.accum_steps + micro)
             t0 = time.time()
             batch = next(batches)
             data_wait += time.time() - t0
@@ -262,7 +266,8 @@ def train(cfg: Config) -> dict:
             window_steps, data_wait, window_start = 0, 0.0, time.time()
 
         if (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step == steps:
-            state = {"step": step, "data": loader.state_dict(), "bad_steps": bad_total, "backend": backend.name}
+            state = {"step": step, "data": loader.state_dict(), "bad_steps": bad_total, "backend": backend.name,
+                     "param_checksum": param_checksum(student_module)}
             path = ckpt.save_checkpoint(backend, ckpt_root, step, state, cfg.ckpt.keep)
             dist.print0(f"saved checkpoint {path}")
         if eval_loader is not None and ((cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == steps):
@@ -281,6 +286,12 @@ def train(cfg: Config) -> dict:
     log.close()
     dist.barrier()
     return summary
+
+
+def param_checksum(module: torch.nn.Module) -> float:
+    """fp64 sum of |p| over the parameters this rank holds (replicas must agree; ZeRO-3 holds shards)."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
 
 
 class _LRTarget:
