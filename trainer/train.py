@@ -196,10 +196,11 @@ def train(cfg: Config) -> dict:
         lrs = apply_lr(_LRTarget(backend.param_groups), step, schedule)
         result: dict[str, float] = {}
         for micro in range(cfg.optim.accum_steps):
-            seed_micro_batch(cfg.train.seed, step, rank * cfg.optim.accum_steps + micro)
             t0 = time.time()
             batch = next(batches)
             data_wait += time.time() - t0
+            # Seed after fetching: starting a DataLoader draws from the global generator itself.
+            seed_micro_batch(cfg.train.seed, step, rank * cfg.optim.accum_steps + micro)
             if keys_file is not None:
                 keys_file.write(f"{step} {' '.join(batch['keys'])}\n")
             x, targets = device_aug.train(batch["image"], batch["label"])
@@ -267,7 +268,8 @@ def train(cfg: Config) -> dict:
 
         if (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step == steps:
             state = {"step": step, "data": loader.state_dict(), "bad_steps": bad_total, "backend": backend.name,
-                     "param_checksum": param_checksum(student_module)}
+                     "param_checksum": param_checksum(student_module), "rank": rank, "world_size": world,
+                     "local_rank": dist.local_rank(), "node_rank": int(os.environ.get("GROUP_RANK", 0))}
             path = ckpt.save_checkpoint(backend, ckpt_root, step, state, cfg.ckpt.keep)
             dist.print0(f"saved checkpoint {path}")
         if eval_loader is not None and ((cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == steps):
