@@ -36,20 +36,28 @@ def _sync(device: torch.device) -> None:
 
 def time_alternating(
     fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int, iters: int
-) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved so background load is shared."""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process-CPU seconds per call of each function, calls interleaved.
+
+    Interleaving shares background load between the sides. CPU time is the steadier measure on a
+    shared machine with one thread (time spent descheduled is not counted); with several threads
+    it also counts OpenMP spin-waits, so there wall time is the one to read.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     _sync(device)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(iters):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
             fn()
             _sync(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in samples.items()}
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.process_time() - start_cpu)
+    median = lambda samples: {name: statistics.median(times) for name, times in samples.items()}
+    return median(wall), median(cpu)
 
 
 def _autocast(device: torch.device, dtype: str) -> torch.autocast:
@@ -78,8 +86,10 @@ def bench_inference(
     student = create_student(arch, gate, keep_ratio, flops_budget, img_size=img_size).eval().to(dev)
     size = student.vit.patch_embed.img_size
     images = torch.randn(batch_size, 3, *size, device=dev)
+    if gate == "asvit":  # untrained thresholds keep nearly everything: time them at the budget instead
+        student.calibrate_thresholds(images)
     with torch.inference_mode(), _autocast(dev, dtype):
-        seconds = time_alternating(
+        seconds, cpu = time_alternating(
             {"dense": lambda: student.vit(images), "pruned": lambda: student(images)}, dev, warmup, iters
         )
         student(images)  # the counts below are those of this batch size (AS-ViT depends on it)
@@ -89,6 +99,7 @@ def bench_inference(
         "img_size": list(size), "dense_img_s": round(batch_size / seconds["dense"], 2),
         "pruned_img_s": round(batch_size / seconds["pruned"], 2),
         "speedup": round(seconds["dense"] / seconds["pruned"], 3),
+        "speedup_cpu_time": round(cpu["dense"] / cpu["pruned"], 3),
         "gmacs_dense": round(dense_g, 3), "gmacs_pruned": round(pruned_g, 3),
         "gmacs_ratio": round(dense_g / pruned_g, 3), "keep_counts": student.last_keep_counts,
         "iters": iters, **_environment(dev, dtype),
@@ -119,6 +130,7 @@ def bench_train_step(
     dtype: str = "fp32",
     warmup: int = 1,
     iters: int = 5,
+    with_reference: bool = False,
 ) -> dict[str, Any]:
     """Training-mode forward+backward seconds of the gated student vs the same model without gates."""
     dev = torch.device(device)
@@ -127,17 +139,29 @@ def bench_train_step(
     size = gated.vit.patch_embed.img_size
     images = torch.randn(batch_size, 3, *size, device=dev)
     labels = torch.randint(0, gated.vit.num_classes, (batch_size,), device=dev)
-    seconds = time_alternating(
-        {
-            "dense": lambda: _train_step(dense, images, labels, dev, dtype),
-            "gated": lambda: _train_step(gated, images, labels, dev, dtype),
-        },
-        dev, warmup, iters,
-    )
+    steps = {
+        "dense": lambda: _train_step(dense, images, labels, dev, dtype),
+        "gated": lambda: _train_step(gated, images, labels, dev, dtype),
+    }
+    if with_reference:
+        # DynamicViT's own explicit N x N fp32 masked softmax: the anchor the fused path should beat.
+        reference = copy.deepcopy(gated)
+        for blk in reference.vit.blocks:
+            blk.attn.fused_attn = False
+        steps["reference"] = lambda: _train_step(reference, images, labels, dev, dtype)
+    seconds, cpu = time_alternating(steps, dev, warmup, iters)
+    extra = {}
+    if with_reference:
+        extra = {
+            "reference_step_s": round(seconds["reference"], 4),
+            "reference_overhead": round(seconds["reference"] / seconds["dense"], 3),
+            "reference_overhead_cpu_time": round(cpu["reference"] / cpu["dense"], 3),
+        }
     return {
         "bench": "train-step", "arch": arch, "gate": gate, "keep_ratio": keep_ratio, "batch_size": batch_size,
         "img_size": list(size), "dense_step_s": round(seconds["dense"], 4),
         "gated_step_s": round(seconds["gated"], 4), "overhead": round(seconds["gated"] / seconds["dense"], 3),
+        "overhead_cpu_time": round(cpu["gated"] / cpu["dense"], 3), **extra,
         "iters": iters, **_environment(dev, dtype),
     }
 
@@ -155,6 +179,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--with-reference", action="store_true", help="train-step: also time the explicit-softmax path"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,6 +192,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = ("arch", "gate", "keep_ratio", "flops_budget", "batch_size", "img_size", "device", "dtype")
     kwargs = {k: getattr(args, k) for k in names}
     kwargs.update({k: getattr(args, k) for k in ("warmup", "iters") if getattr(args, k) is not None})
+    if args.bench == "train-step":
+        kwargs["with_reference"] = args.with_reference
     return fn(**kwargs)
 
 

@@ -78,6 +78,7 @@ class ThresholdGate(nn.Module):
         super().__init__()
         self.threshold = nn.Parameter(torch.full((1,), float(init)))
         self.attn_dim = attn_dim  # of the scored block: sets the scoring cost
+        self.calibrate_to: int | None = None  # set by PrunedViT.calibrate_thresholds for one forward
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         """Straight-through mask [B, N] in {0, 1}: hard step forward, sigmoid((S - theta)/T) backward."""
@@ -92,9 +93,22 @@ class ThresholdGate(nn.Module):
 
     def keep_count(self, scores: torch.Tensor) -> int:
         """Eval keep count: tokens above theta for one image, the batch-mean count for a batch (>= 1)."""
+        if self.calibrate_to is not None:
+            return self._calibrate(scores)
         with fp32_region(scores.device.type):
             above = (scores.float() > self.threshold.float()).sum(dim=-1).float()
         return max(1, min(scores.shape[-1], int(torch.round(above.mean()).item())))
+
+
+    @torch.no_grad()
+    def _calibrate(self, scores: torch.Tensor) -> int:
+        # theta halfway between each image's k-th and (k+1)-th best score, averaged over the batch.
+        k = max(1, min(self.calibrate_to, scores.shape[-1]))
+        self.calibrate_to = None
+        top = scores.float().topk(min(k + 1, scores.shape[-1]), dim=-1).values
+        theta = (top[:, k - 1] + top[:, -1]) / 2 if k < scores.shape[-1] else top[:, -1] - 1e-6
+        self.threshold.fill_(theta.mean().item())
+        return k
 
 
 def asvit_threshold_init(stage: int, num_patches: int) -> float:

@@ -226,6 +226,38 @@ class PrunedViT(nn.Module):
             return [dynamicvit_keep_count(patches, self.keep_ratio, s) for s in range(len(self.locations))]
         return self._probe_keep_counts(img_size)
 
+    def budget_keep_counts(self, patches: int) -> list[int]:
+        """Counts int(N r^(s+1)) with r chosen so the model costs flops_budget x dense (bisection)."""
+        target = self.flops_budget * dense_macs(self._cost, patches)
+        counts = lambda r: [max(1, int(patches * r ** (s + 1))) for s in range(len(self.locations))]
+        low, high = 0.0, 1.0
+        for _ in range(40):
+            mid = (low + high) / 2
+            low, high = (mid, high) if self.macs(patches, counts(mid)) < target else (low, mid)
+        return counts(low)
+
+    @torch.no_grad()
+    def calibrate_thresholds(self, images: torch.Tensor) -> list[int]:
+        """AS-ViT: set thresholds so an eval forward on images meets flops_budget; returns the counts.
+
+        A start for fine-tuning ("calibrate on the first batch", DESIGN 4) and a way to benchmark
+        an untrained model at a realistic sparsity. Each stage sees the tokens kept by the previous one.
+        """
+        if self.gate_type != "asvit":
+            raise ValueError(f"only AS-ViT thresholds are calibrated, this gate is {self.gate_type!r}")
+        patches = num_patches(self._cost, tuple(images.shape[-2:]))
+        for gate, count in zip(self.gates, self.budget_keep_counts(patches), strict=True):
+            gate.calibrate_to = count
+        was_training = self.training
+        try:
+            self.eval()
+            self.forward_pruned(images)
+        finally:
+            self.train(was_training)
+            for gate in self.gates:
+                gate.calibrate_to = None
+        return list(self.last_keep_counts)
+
     @torch.no_grad()
     def _probe_keep_counts(self, img_size: int | tuple[int, int]) -> list[int]:
         # AS-ViT counts depend on the image; a fixed seeded image at batch 1 shows what the thresholds give.
