@@ -123,6 +123,8 @@ class OptimConfig:
     """Linear warm-up steps (-1 = 5% of training)."""
     weight_decay: float = 0.05
     """AdamW weight decay (none on norms, biases, tokens, thresholds)."""
+    gate_weight_decay: float = 0.0
+    """Weight decay of the gate parameters (DESIGN: none on gates)."""
     backbone_lr_scale: float = 0.01
     """Backbone LR relative to the gates."""
     backbone_frozen_fraction: float = 1 / 6
@@ -317,8 +319,11 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> Config:
-    """Raise ConfigError naming the first invalid key; returns cfg for chaining."""
+def validate(cfg: Config, world_size: int | None = 1, check_paths: bool = True) -> Config:
+    """Raise ConfigError naming the first invalid key; returns cfg for chaining.
+
+    world_size None means "not known yet" (launch.sh before the ranks exist): checks that need it are skipped.
+    """
     p, o, d, m = cfg.prune, cfg.optim, cfg.data, cfg.model
     _check(p.gate in GATES, "prune.gate", p.gate, f"must be one of {GATES}")
     _check(_finite(p.keep_ratio) and 0 < p.keep_ratio <= 1, "prune.keep_ratio", p.keep_ratio, "must be in (0, 1]")
@@ -347,7 +352,7 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> Conf
     _check(_finite(d.mixup) and d.mixup >= 0 and _finite(d.cutmix) and d.cutmix >= 0, "data.mixup/cutmix",
            (d.mixup, d.cutmix), "alphas must be >= 0")
     _check(o.accum_steps >= 1, "optim.accum_steps", o.accum_steps, "must be >= 1")
-    if d.global_batch_size:
+    if d.global_batch_size and world_size is not None:
         _check(d.global_batch_size == d.batch_size * world_size * o.accum_steps, "data.global_batch_size",
                d.global_batch_size,
                f"must equal data.batch_size ({d.batch_size}) x world size ({world_size}) x optim.accum_steps "
@@ -355,6 +360,8 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> Conf
     _check(_finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(_finite(o.min_lr) and 0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, "must be in [0, optim.lr]")
     _check(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(_finite(o.gate_weight_decay) and o.gate_weight_decay >= 0, "optim.gate_weight_decay",
+           o.gate_weight_decay, "must be >= 0")
     _check(_finite(o.backbone_lr_scale) and o.backbone_lr_scale >= 0, "optim.backbone_lr_scale",
            o.backbone_lr_scale, "must be >= 0")
     _check(_finite(o.backbone_frozen_fraction) and 0 <= o.backbone_frozen_fraction < 1,
@@ -381,7 +388,7 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> Conf
                "prune.w_kd and prune.w_tok must be 0 without a teacher")
     _validate_model_shape(cfg)
     if cfg.backend.name == "deepspeed":
-        load_ds_config(cfg, world_size)
+        load_ds_config(cfg, world_size or 1)
     if check_paths:
         _validate_paths(cfg)
     return cfg

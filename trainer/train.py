@@ -147,7 +147,8 @@ def train(cfg: Config) -> dict:
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps >= 0 else int(0.05 * steps)
     schedule = LRSchedule(base_lr, steps, min(warmup, steps), min(cfg.optim.min_lr, base_lr))
     optimizer = build_optimizer(student, base_lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), cfg.optim.eps,
-                                cfg.optim.backbone_lr_scale, int(cfg.optim.backbone_frozen_fraction * steps))
+                                cfg.optim.backbone_lr_scale, int(cfg.optim.backbone_frozen_fraction * steps),
+                                gate_weight_decay=cfg.optim.gate_weight_decay)
     backend.prepare(student, optimizer)
     weights = LossWeights(ratio=cfg.prune.w_ratio, flops=cfg.prune.w_flops, kd=cfg.prune.w_kd if teacher else 0.0,
                           tok=cfg.prune.w_tok if teacher else 0.0, kd_temperature=cfg.prune.kd_temperature)
@@ -210,9 +211,7 @@ def train(cfg: Config) -> dict:
                 teacher_out = None
                 if teacher is not None:
                     with torch.inference_mode():
-                        t_raw = teacher(x.to(next(teacher.parameters()).dtype))
-                    # Inference tensors cannot be saved for backward: take plain copies for the losses.
-                    teacher_out = type(t_raw)(t_raw.logits.clone(), t_raw.tokens.clone())
+                        teacher_out = teacher(x.to(next(teacher.parameters()).dtype))
                 terms = compute_losses(out, targets, teacher_out, weights, cfg.prune.gate, cfg.prune.keep_ratio,
                                        cfg.prune.flops_budget, dense_gmacs)
                 # Every rank takes the same branch, or the next collective would hang.

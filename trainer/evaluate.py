@@ -1,0 +1,100 @@
+"""Evaluate a trained student: top-1/top-5, GMACs per image, keep ratios, dense vs pruned img/s.
+
+    python -m trainer.evaluate --checkpoint runs/x [--data DIR] [--batch-size B] [--config FILE]
+
+--checkpoint is a run dir, a checkpoint dir, or an exported .safetensors file; the model config comes
+from the run's config.yaml (or --config for a bare file). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+
+from data import AugmentConfig, DeviceAugment, EvalLoader, eval_transform, resolve_split
+from model import create_student
+from trainer.config import Config, load_config
+from trainer.evaluation import evaluate
+from trainer.export import consolidated_state_dict, resolve_checkpoint
+
+
+def find_run_config(checkpoint: str) -> str | None:
+    """config.yaml of the run a checkpoint belongs to (run dir, or two levels above a checkpoint)."""
+    here = os.path.abspath(checkpoint)
+    for candidate in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here)),
+                      os.path.dirname(os.path.dirname(os.path.dirname(here)))):
+        path = os.path.join(candidate, "config.yaml")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_student(checkpoint: str, cfg: Config) -> torch.nn.Module:
+    """The student of `cfg` with weights from a checkpoint dir (consolidated) or an exported file."""
+    m = cfg.model
+    kwargs = dict(gate=cfg.prune.gate, keep_ratio=cfg.prune.keep_ratio, flops_budget=cfg.prune.flops_budget,
+                  locations=cfg.prune.locations or None, img_size=m.img_size, num_classes=m.num_classes, **m.kwargs)
+    if os.path.isfile(checkpoint):
+        return create_student(m.arch, checkpoint=checkpoint, **kwargs)
+    student = create_student(m.arch, **kwargs)
+    student.load_state_dict(consolidated_state_dict(resolve_checkpoint(checkpoint)), strict=True)
+    return student
+
+
+@torch.no_grad()
+def dense_vs_pruned_img_s(student: torch.nn.Module, images: torch.Tensor, repeats: int = 3) -> dict[str, float]:
+    """Side-by-side eval throughput of the dense backbone and the pruned student on the same batch."""
+    student.eval()
+    best = {"dense": float("inf"), "pruned": float("inf")}
+    student.vit(images)
+    student(images)  # warm-up
+    for _ in range(repeats):  # alternate so machine load hits both alike
+        for name, fn in (("dense", student.vit), ("pruned", student)):
+            start = time.perf_counter()
+            fn(images)
+            best[name] = min(best[name], time.perf_counter() - start)
+    n = images.shape[0]
+    return {"dense_img_s": n / best["dense"], "pruned_img_s": n / best["pruned"],
+            "speedup": best["dense"] / best["pruned"]}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, or exported .safetensors")
+    p.add_argument("--data", help="shard dir or pattern (default: the run's data.val)")
+    p.add_argument("--split", default="val", help="split of a shard dir (default val)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--config", help="run config (default: the run's config.yaml)")
+    p.add_argument("--workers", type=int, default=0)
+    args = p.parse_args(argv)
+
+    config_path = args.config or find_run_config(args.checkpoint)
+    if config_path is None:
+        p.error(f"no config.yaml found for {args.checkpoint}; pass --config")
+    cfg = load_config(config_path)
+    data = args.data or cfg.data.val
+    if not data:
+        p.error("no eval data: pass --data")
+    student = load_student(args.checkpoint, cfg).eval()
+    img = cfg.model.img_size
+    aug = AugmentConfig(crop_pct=cfg.data.crop_pct or student.vit.pretrained_cfg.get("crop_pct", 0.875))
+    split = resolve_split(data, args.split)
+    loader = EvalLoader(split.shards, args.batch_size, 0, 1, eval_transform(img, aug), cfg.model.num_classes,
+                        args.workers, image_shape=(3, img, img))
+    normalize = DeviceAugment(aug, cfg.model.num_classes).normalize
+    result = evaluate(student, student, loader, normalize, torch.device("cpu"), torch.float32, img)
+    first = next(iter(loader))
+    result.update(dense_vs_pruned_img_s(student, normalize(first["image"])))
+    result.update({"checkpoint": os.path.abspath(args.checkpoint), "data": data, "batch_size": args.batch_size,
+                   "arch": cfg.model.arch, "gate": cfg.prune.gate, "img_size": img})
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
