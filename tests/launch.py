@@ -27,6 +27,9 @@ def launcher_command(launcher: str, nproc: int, port: int) -> list[str]:
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_port", str(port), "-m", "trainer.train"]
+    if launcher == "launch.sh":
+        return ["bash", os.path.join(REPO, "launch.sh"), "--num_nodes", "1", "--num_gpus", str(nproc),
+                "--master_port", str(port)]
     if launcher == "deepspeed":
         return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
                 "--module", "trainer.train"]
@@ -44,7 +47,7 @@ def run_training(launcher: str, nproc: int, overrides: list[str], timeout: int =
     cmd = launcher_command(launcher, nproc, free_port()) + ["--config", config]
     for o in overrides:
         cmd += ["--set", o]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -25,11 +25,11 @@ def _common(shards, run_dir, *extra):
             "log.every=1", "ckpt.every=2", "train.steps=4", *extra]
 
 
-def test_deepspeed_two_ranks_equal_one_rank_with_the_same_global_batch(shards, tmp_path):
-    """2 ranks x batch 4 (deepspeed launcher, ZeRO-2) == 1 rank x batch 4 x 2 accumulation steps."""
+def test_launch_sh_two_ranks_equal_one_rank_with_the_same_global_batch(shards, tmp_path):
+    """2 ranks x batch 4 (launch.sh -> DeepSpeed launcher, ZeRO-2) == 1 rank x batch 4 x 2 accumulation."""
     extra = ["precision=fp32", "backend.ds_config=ds_configs/zero2.json"]
     two = str(tmp_path / "two")
-    run_training("deepspeed", 2, _common(shards, two, "data.workers=1", *extra))
+    run_training("launch.sh", 2, _common(shards, two, "data.workers=1", *extra))
     one = str(tmp_path / "one")
     run_training("python", 1, _common(shards, one, "data.workers=2", "optim.accum_steps=2", *extra))
     a, b = train_records(two), train_records(one)
@@ -39,6 +39,25 @@ def test_deepspeed_two_ranks_equal_one_rank_with_the_same_global_batch(shards, t
     states = trainer_states(os.path.join(two, "checkpoints", "step_00000004"))
     assert [s["rank"] for s in states] == [0, 1]
     assert states[0]["param_checksum"] == states[1]["param_checksum"]
+    _assert_tensorboard_views(os.path.join(two, "tb"))
+
+
+def _assert_tensorboard_views(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(tb_dir, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    expected = ["train/loss", "train/ce", "train/kd", "train/tok", "train/ratio", "train/grad_norm",
+                "train/lr/gate_decay", "train/lr/backbone_decay", "train/keep_ratio/stage0", "train/gmacs",
+                "train/img_per_s", "train/data_wait_fraction", "train/data/skipped_bad_image", "train/bad_steps",
+                "eval/student_top1", "eval/student_top5", "eval/teacher_top1", "eval/keep_ratio/stage2",
+                "eval/student_gmacs", "eval/student_img_s"]
+    missing = [t for t in expected if t not in tags["scalars"]]
+    assert not missing, f"missing TensorBoard scalars {missing}; have {tags['scalars']}"
+    assert "eval/kept_tokens" in tags["images"]
+    assert any(t.startswith("config") for t in tags["tensors"]), tags["tensors"]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("backend", ["zero1", "zero2", "zero3", "accelerate"])
