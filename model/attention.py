@@ -6,7 +6,9 @@ Training keeps every token in the sequence and removes dropped tokens as attenti
 - the fast path: an additive float bias ``log(G + eps)`` handed to timm's own block, so timm's
   fused ``scaled_dot_product_attention`` runs (its kernels keep the softmax in fp32 internally);
 - the reference path: DynamicViT's explicit fp32 formula, used when a block has
-  ``attn.fused_attn = False``.
+  ``attn.fused_attn = False``, and under fp16: a dropped key's attention weight is O(eps) = 1e-6,
+  subnormal in fp16, so the fused kernel's fp16 bias gradient loses ~8% on exactly the tokens the
+  gate is learning about (bf16 has fp32's exponent range and is fine).
 
 Both pass gradient to the keep mask; a boolean mask would not.
 """
@@ -109,7 +111,8 @@ def run_block(
     """One timm block with dropped tokens masked as keys (no mask: timm's block unchanged)."""
     if keep_full is None:
         return blk(x)
-    if getattr(blk.attn, "fused_attn", True) or not has_reference_path(blk):
+    fused = getattr(blk.attn, "fused_attn", True) and bias is not None and bias.dtype != torch.float16
+    if fused or not has_reference_path(blk):
         return blk(x, attn_mask=bias)
     # Same two residual lines as timm's Block.forward, with the reference attention inside.
     x = x + blk.drop_path1(blk.ls1(reference_attention(blk.attn, blk.norm1(x), keep_full)))

@@ -7,9 +7,8 @@ are gathered away, so later blocks really run on fewer tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -31,9 +30,12 @@ from model.gates import (
 )
 
 
-@dataclass
-class StudentOutput:
-    """Training-mode output; everything the losses need."""
+class StudentOutput(NamedTuple):
+    """Training-mode output; everything the losses need.
+
+    A NamedTuple rather than a dataclass: output-walking wrappers (Accelerate's fp32 conversion of
+    autocast outputs) recurse into tuples and would pass a dataclass through untouched.
+    """
 
     logits: torch.Tensor  # [B, K]
     tokens: torch.Tensor  # [B, N, C] final-normed patch tokens (prefix tokens excluded)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -13,9 +12,8 @@ from model.backbone import build_vit
 from model.checkpoint import load_checkpoint
 
 
-@dataclass
-class TeacherOutput:
-    """Distillation targets."""
+class TeacherOutput(NamedTuple):
+    """Distillation targets (a NamedTuple, like StudentOutput)."""
 
     logits: torch.Tensor  # [B, K]
     tokens: torch.Tensor  # [B, N, C] final-normed patch tokens, same layout as StudentOutput.tokens

@@ -60,6 +60,23 @@ def test_fused_bias_path_and_reference_softmax_agree_in_value_and_gradient() -> 
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gate_gradient_of_dropped_keys_survives_half_precision(dtype: torch.dtype) -> None:
+    # fp16 routes to the fp32 reference softmax (its O(1e-6) weights are subnormal in fp16);
+    # bf16 keeps the fused path. Either way the gradient matches fp32.
+    x = torch.randn(2, 9, 32)
+    keep = random_keep(2, 9)
+    grads = []
+    for blk, dt in ((make_block(), torch.float32), (make_block().to(dtype), dtype)):
+        k = keep.clone().requires_grad_(True)
+        out = run_block(blk, x.to(dt), k, keep_bias(k, dt))
+        (out.float() * torch.linspace(-1, 1, 32)).sum().backward()
+        grads.append(k.grad)
+    dropped = keep == 0
+    error = (grads[1] - grads[0])[dropped].norm() / grads[0][dropped].norm()
+    assert error < 0.02
+
+
 def test_reference_attention_with_nothing_dropped_equals_timm_attention() -> None:
     blk = make_block()
     x = torch.randn(2, 9, 32)
