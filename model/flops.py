@@ -26,8 +26,14 @@ class ViTCost:
     block_attn_dim: tuple[int, ...]
 
 
-def _linear_weights(module: nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+def full_numel(param: torch.Tensor) -> int:
+    """Element count of a parameter, also when ZeRO-3 has partitioned it (it then keeps `ds_numel`)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def linear_weights(module: nn.Module) -> int:
+    """Sum of Linear/Conv2d weight sizes: the MACs per token (per patch for the patch embed)."""
+    return sum(full_numel(m.weight) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
 def vit_cost(vit: nn.Module) -> ViTCost:
@@ -43,9 +49,9 @@ def vit_cost(vit: nn.Module) -> ViTCost:
     return ViTCost(
         patch_size=patch,
         num_prefix=vit.num_prefix_tokens,
-        patch_macs=_linear_weights(vit.patch_embed),
-        head_macs=sum(_linear_weights(h) for h in heads),
-        block_linear=tuple(_linear_weights(blk) for blk in vit.blocks),
+        patch_macs=linear_weights(vit.patch_embed),
+        head_macs=sum(linear_weights(h) for h in heads),
+        block_linear=tuple(linear_weights(blk) for blk in vit.blocks),
         block_attn_dim=tuple(attn_dims),
     )
 

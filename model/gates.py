@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import fp32_region
+from model.flops import linear_weights
 
 GATE_TYPES = ("dynamicvit", "asvit", "none")
 ASVIT_TEMPERATURE = 1e-4  # AS-ViT's sigmoid temperature: the soft mask is a near-step at theta
@@ -34,6 +35,7 @@ class DynamicViTPredictor(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        self.macs_per_token = linear_weights(self)  # fixed now: ZeRO-3 later partitions the weights
 
     def forward(self, tokens: torch.Tensor, prev_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probs [B, N, 2] in fp32 for patch tokens [B, N, C]; prev_keep [B, N] weights the mean."""
@@ -55,8 +57,7 @@ class DynamicViTPredictor(nn.Module):
     def macs(self, live_patches: float | torch.Tensor, num_prefix: int) -> float | torch.Tensor:
         """Predictor cost: its linear layers on every live patch token (~1.625 C^2 MACs per token)."""
         del num_prefix  # the predictor never sees prefix tokens
-        per_token = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return per_token * live_patches
+        return self.macs_per_token * live_patches
 
 
 def gumbel_keep(log_probs: torch.Tensor, prev_keep: torch.Tensor | None) -> torch.Tensor:
