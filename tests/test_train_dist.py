@@ -84,6 +84,42 @@ def test_two_ranks_train_and_resume_gives_identical_next_steps(shards, tmp_path,
     for step in (3, 4):
         for term in ("loss", "ce", "kd", "tok", "ratio", "grad_norm"):
             assert resumed[step][term] == first[step][term], (step, term)
+    _check_export_and_evaluate(run_dir, tmp_path, states[0]["param_checksum"] if backend != "zero3" else None)
+
+
+def _check_export_and_evaluate(run_dir, tmp_path, bf16_checksum):
+    """export -> create_student(checkpoint=...) round trip, the dense part into plain timm, evaluate CLI."""
+    import json
+    import subprocess
+    import sys
+
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    from model import create_student
+    from tests.launch import REPO
+
+    out = str(tmp_path / "student.safetensors")
+    subprocess.run([sys.executable, "-m", "trainer.export", "--checkpoint", run_dir, "--out", out], cwd=REPO,
+                   check=True, capture_output=True)
+    exported = load_file(out)
+    assert all(v.dtype == torch.float32 for v in exported.values())
+    tiny = dict(img_size=32, num_classes=4, patch_size=8, depth=4, embed_dim=32, num_heads=2)
+    student = create_student("vit_tiny_patch16_224", checkpoint=out, **tiny)
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in exported.items())
+    plain = timm.create_model("vit_tiny_patch16_224", **tiny)
+    plain.load_state_dict({k[len("vit."):]: v for k, v in exported.items() if k.startswith("vit.")})
+    if bf16_checksum is not None:  # fp32 master weights round to the bf16 ones the ranks hold
+        total = float(sum(v.double().abs().sum() for v in exported.values()))
+        assert abs(total - bf16_checksum) < 1e-2 * bf16_checksum
+    proc = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--checkpoint", out, "--config",
+                           os.path.join(run_dir, "config.yaml"), "--batch-size", "4"], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["count"] == 11 and 0 <= result["student_top1"] <= 100
+    assert result["student_gmacs"] < result["dense_gmacs"]
+    assert set(result) >= {"keep_ratio/stage0", "dense_img_s", "pruned_img_s", "student_top5"}
 
 
 def test_two_simulated_nodes_get_right_ranks_and_disjoint_shards(shards, tmp_path):
