@@ -1,0 +1,37 @@
+"""All benchmarks in one place; each prints one JSON line.
+
+    python -m trainer.bench inference  --arch deit_small_patch16_224 --gate dynamicvit --keep-ratio 0.7 --batch-size 16
+    python -m trainer.bench train-step --arch deit_small_patch16_224 --gate dynamicvit --batch-size 16
+    python -m trainer.bench data       --img-size 384 --workers 1 [--data IMAGEFOLDER]
+
+inference: dense vs pruned eval img/s side by side, and the analytic GMACs ratio (the physical limit).
+train-step: forward+backward of the dense vs the gated student, side by side.
+data: decoded+augmented img/s per worker, our shard pipeline vs timm's ImageFolder loader.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+BENCHES = ("inference", "train-step", "data")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Dispatch to the benchmark named by the first argument."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in BENCHES:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    if args[0] == "data":
+        from data.bench import main as data_main
+
+        data_main(args[1:])
+    else:
+        from model.bench import main as model_main
+
+        model_main(args)
+
+
+if __name__ == "__main__":
+    main()
