@@ -10,8 +10,7 @@ reader on the source tree, through a torch DataLoader. Measurements alternate ou
 so the load other users put on a shared machine falls on both alike; the medians are reported, as wall
 img/s (`ratio`) and as images per CPU-second of the loader's processes (`ratio_cpu`, which other users'
 load barely moves). Without `--data` a synthetic ImageFolder of ImageNet-like JPEGs is generated in a
-temp dir. The shared transform gets one patch, for a timm/Pillow 13 crash: see
-`tolerate_zero_bit_posterize`.
+temp dir.
 """
 
 from __future__ import annotations
@@ -32,9 +31,8 @@ from importlib.metadata import version
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter
 from timm.data import create_dataset
-from timm.data.auto_augment import RandAugment
 from torch.utils.data import DataLoader, Dataset
 
 from data.convert import convert, list_classes, scan_tree
@@ -83,31 +81,6 @@ def make_synthetic_folder(root: str, num_images: int, num_classes: int = SYNTHET
         with open(os.path.join(class_dir, f"img_{i:06d}.jpg"), "wb") as f:
             f.write(synthetic_jpeg(i))
     return root
-
-
-def posterize_or_black(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
-    """timm's posterize, with 0 bits kept meaning a black image (Pillow < 13) instead of a ValueError."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def tolerate_zero_bit_posterize(transform: Callable) -> int:
-    """Patch this transform's RandAugment posterize ops in place; returns how many were patched.
-
-    timm 1.0.31's PosterizeIncreasing turns magnitude 10 (m9 + mstd0.5 noise, clipped) into 0 bits, which
-    Pillow 13 rejects: about 0.1% of train_transform calls raise. Both loaders share this transform object,
-    so the patch keeps their work equal; the real fix belongs in data.transforms.
-    """
-    patched = 0
-    for t in getattr(transform, "transforms", ()):
-        for op in t.ops if isinstance(t, RandAugment) else ():
-            if op.name.startswith("Posterize"):
-                op.aug_fn = posterize_or_black
-                patched += 1
-    return patched
 
 
 def _cpu_seconds() -> float | None:
@@ -207,7 +180,6 @@ def run_data_bench(data_dir: str | None, img_size: int = 384, workers: int = 1, 
                              f"{len(files)} images: convert the same tree with no val split")
 
         transform = train_transform(img_size, AugmentConfig())
-        patched = tolerate_zero_bit_posterize(transform)
         # A new seed each round: other shuffles and augmentation draws, so no round is a lucky one.
         seeds = [seed + r for r in range(rounds)]
         plans = [StreamPlan(split.shards, batch_size, workers_per_rank=workers, seed=s,
@@ -254,7 +226,7 @@ def run_data_bench(data_dir: str | None, img_size: int = 384, workers: int = 1, 
             "ratio_cpu": _round(ours_cpu / timm_cpu if ours_cpu and timm_cpu else None, 3),
             "ours_rounds_img_s": [round(w, 2) for w, _ in ours],
             "timm_rounds_img_s": [round(w, 2) for w, _ in theirs],
-            "source": source, "patched_posterize_ops": patched,
+            "source": source,
             "source_images": len(files), "mean_jpeg_kb": round(mean_kb, 1),
             "loadavg_start": [round(x, 2) for x in load_start],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()], **_host_info()}

@@ -186,7 +186,9 @@ def worker_batches(plan: StreamPlan, epoch: int, rank: int, worker: int, transfo
             # timm's augmentations draw from python's, numpy's and torch's global generators.
             random.seed(seed)
             np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
+            # Only the CPU generator: torch.manual_seed also (lazily) seeds every accelerator's generator,
+            # which measured ~0.2-0.7 ms per sample, and the transforms draw on the CPU.
+            torch.default_generator.manual_seed(seed)
             images.append(transform(image))
             labels.append(label)
             keys.append(sample["__key__"])

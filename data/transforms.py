@@ -11,7 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 
 
@@ -36,9 +38,36 @@ class AugmentConfig:
 
 def train_transform(img_size: int, aug: AugmentConfig) -> Callable:
     """PIL image -> uint8 CHW tensor: random-resized crop, flip, RandAugment (timm)."""
-    return create_transform(img_size, is_training=True, scale=aug.scale, hflip=aug.hflip,
-                            auto_augment=aug.auto_augment, interpolation=aug.interpolation,
-                            mean=aug.mean, std=aug.std, use_prefetcher=True)
+    transform = create_transform(img_size, is_training=True, scale=aug.scale, hflip=aug.hflip,
+                                 auto_augment=aug.auto_augment, interpolation=aug.interpolation,
+                                 mean=aug.mean, std=aug.std, use_prefetcher=True)
+    tolerate_zero_bit_posterize(transform)
+    return transform
+
+
+def posterize_or_black(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """timm's posterize, with 0 bits kept giving a black image (what Pillow < 13 did) instead of a ValueError."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def tolerate_zero_bit_posterize(transform: Callable) -> int:
+    """Swap the posterize function of a transform's RandAugment ops; returns how many were swapped.
+
+    timm's PosterizeIncreasing maps magnitude 10 (DeiT's m9 + mstd0.5 noise, clipped at 10) to 0 bits,
+    which Pillow 13 rejects: ~0.1% of train_transform calls raised, a crash every ~900 images. The
+    replacement keeps the old result (black), so the augmentation is the one DeiT trained with.
+    """
+    patched = 0
+    for t in getattr(transform, "transforms", ()):
+        for op in t.ops if isinstance(t, RandAugment) else ():
+            if op.name.startswith("Posterize"):
+                op.aug_fn = posterize_or_black
+                patched += 1
+    return patched
 
 
 def eval_transform(img_size: int, aug: AugmentConfig) -> Callable:

@@ -180,8 +180,9 @@ def test_pickle_fields_in_a_shard_are_never_read(tmp_path):
 
 @pytest.mark.parametrize("size", [32, 384])
 def test_transforms_produce_the_requested_resolution(size):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     img = Image.open(io.BytesIO(jpeg_bytes(0, (500, 375)))).convert("RGB")
     for t in (train_transform(size, AUG), eval_transform(size, AUG)):
@@ -197,3 +198,22 @@ def test_device_augment_normalises_and_mixes_to_soft_targets():
     assert target.shape == (4, 5) and torch.allclose(target.sum(1), torch.ones(4))
     x, target = aug.train(images[:3], torch.tensor([0, 1, 2]))  # odd batch: smoothed one-hot
     assert torch.allclose(target.sum(1), torch.ones(3)) and target.argmax(1).tolist() == [0, 1, 2]
+
+
+def test_train_transform_survives_zero_bit_posterize_with_current_pillow():
+    """DeiT's RandAugment can ask for 0 posterize bits; Pillow 13 raises there, we give black like Pillow 12."""
+    import io
+
+    from PIL import Image
+
+    from data.transforms import posterize_or_black
+
+    transform = train_transform(32, AUG)
+    ops = [op for t in transform.transforms if hasattr(t, "ops") for op in t.ops if op.name.startswith("Posterize")]
+    assert ops and all(op.aug_fn is posterize_or_black for op in ops)
+    img = Image.open(io.BytesIO(jpeg_bytes(1, (64, 48)))).convert("RGB")
+    assert posterize_or_black(img, 0).getextrema() == ((0, 0),) * 3
+    assert posterize_or_black(img, 8) is img
+    for op in ops:
+        op.magnitude, op.magnitude_std, op.prob = 10, 0, 1.0  # force the 0-bit case
+        op(img)
