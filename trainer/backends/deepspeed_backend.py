@@ -20,6 +20,9 @@ class DeepSpeedBackend(Backend):
         from datetime import timedelta
 
         cuda = torch.cuda.is_available()
+        if ds_config.get("fp16", {}).get("enabled") and not cuda:
+            raise ValueError("precision=fp16: DeepSpeed's CPU accelerator has no fp16 support; "
+                             "use precision=bf16 or fp32 without a GPU")
         # On CPU DeepSpeed picks its CPU accelerator; gloo is the backend that needs nothing installed.
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
