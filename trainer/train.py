@@ -45,7 +45,6 @@ from trainer.metrics import MetricsLogger, write_json
 from trainer.optim import LRSchedule, apply_lr, build_optimizer
 from trainer.visualize import overlay_grid
 
-
 PER_STEP = ("grad_norm", "skipped")  # backend.step() values: one per optimizer step, not per micro-batch
 
 

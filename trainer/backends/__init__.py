@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from trainer.backends.base import Backend
-from trainer.dist import single_process_env
 from trainer.config import Config, load_ds_config
+from trainer.dist import single_process_env
 
 
 def create_backend(cfg: Config, world_size: int) -> Backend:
