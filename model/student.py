@@ -48,8 +48,11 @@ class StudentOutput(NamedTuple):
 class PrunedViT(nn.Module):
     """A timm ViT (`.vit`, unmodified) with token-pruning gates (`.gates`) before `.locations` blocks.
 
-    After an eval forward, `last_keep_counts` (list[int], tokens kept per stage, same for the whole
-    batch) and `last_keep_indices` (list of [B, k_s] original patch indices) describe what was kept.
+    Eval keep counts: DynamicViT keeps int(N rho^(s+1)) of the original N at stage s; AS-ViT keeps
+    the tokens with S > theta for one image and, for a batch, the batch-mean count as top-k (so
+    its results depend on the batch size: report it). After an eval forward, `last_keep_counts`
+    (list[int] per stage, same for the whole batch) and `last_keep_indices` (list of [B, k_s]
+    original patch indices) describe what was kept.
     """
 
     def __init__(

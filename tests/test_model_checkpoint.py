@@ -21,7 +21,7 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.parametrize("fmt", ["plain.pth", "deit.pth", "plain.safetensors", "ddp.bin"])
+@pytest.mark.parametrize("fmt", ["plain.pth", "deit.pth", "plain.safetensors", "ddp.bin", "dense_student.pth"])
 def test_timm_weights_load_unchanged_into_gated_students_and_teacher(tmp_path: Path, fmt: str) -> None:
     source = dense_student()
     sd = source.vit.state_dict()
@@ -32,6 +32,8 @@ def test_timm_weights_load_unchanged_into_gated_students_and_teacher(tmp_path: P
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     elif fmt == "ddp.bin":
         torch.save({f"module.{k}": v for k, v in sd.items()}, path)
+    elif fmt == "dense_student.pth":  # the whole gate="none" student: vit.* keys, no gates
+        torch.save(source.state_dict(), path)
     else:
         torch.save(sd, path)
     for gate in ("dynamicvit", "asvit"):
