@@ -103,12 +103,14 @@ class ThresholdGate(nn.Module):
 
     @torch.no_grad()
     def _calibrate(self, scores: torch.Tensor) -> int:
-        # theta halfway between each image's k-th and (k+1)-th best score, averaged over the batch.
-        k = max(1, min(self.calibrate_to, scores.shape[-1]))
+        # theta halfway between the (kB)-th and (kB+1)-th best score of the whole batch, so exactly
+        # k tokens per image pass on average: the batch-mean rule then keeps k.
+        batch, tokens = scores.shape
+        k = max(1, min(self.calibrate_to, tokens))
         self.calibrate_to = None
-        top = scores.float().topk(min(k + 1, scores.shape[-1]), dim=-1).values
-        theta = (top[:, k - 1] + top[:, -1]) / 2 if k < scores.shape[-1] else top[:, -1] - 1e-6
-        self.threshold.fill_(theta.mean().item())
+        top = scores.float().flatten().topk(min(k * batch + 1, batch * tokens)).values
+        theta = (top[k * batch - 1] + top[-1]) / 2 if k < tokens else top[-1] - 1e-6
+        self.threshold.fill_(theta.item())
         return k
 
 

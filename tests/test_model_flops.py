@@ -96,11 +96,13 @@ def test_training_flops_carry_gradient_to_the_asvit_thresholds() -> None:
 def test_asvit_calibration_sets_thresholds_that_meet_the_flops_budget() -> None:
     torch.manual_seed(0)
     student = create_student(TINY_ARCH, gate="asvit", flops_budget=0.6, **TINY_VIT_KWARGS)
-    x = torch.randn(1, 3, 32, 32)
-    counts = student.calibrate_thresholds(x)
-    assert counts == student.budget_keep_counts(16)
-    assert student.training  # mode restored
-    student.eval()(x)  # one image: the thresholds alone reproduce the calibrated counts
-    assert student.last_keep_counts == counts
+    for batch in (1, 6):
+        x = torch.randn(batch, 3, 32, 32)
+        counts = student.calibrate_thresholds(x)
+        assert counts == student.budget_keep_counts(16)
+        assert student.training  # mode restored
+        student.eval()(x)  # the thresholds alone now reproduce the calibrated counts on this batch
+        assert student.last_keep_counts == counts
+        student.train()
     dense = count_flops(student.vit, 32)
     assert count_flops(student, 32) == pytest.approx(0.6 * dense, rel=0.1)
