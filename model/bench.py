@@ -64,9 +64,16 @@ def _autocast(device: torch.device, dtype: str) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=_DTYPES[dtype], enabled=dtype != "fp32")
 
 
-def _environment(device: torch.device, dtype: str) -> dict[str, Any]:
+def _environment(
+    device: torch.device, dtype: str, wall: dict[str, float], cpu: dict[str, float]
+) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    return {"device": name, "dtype": dtype, "torch": torch.__version__, "timm": timm.__version__}
+    env = {"device": name, "dtype": dtype, "torch": torch.__version__, "timm": timm.__version__}
+    if device.type == "cpu":
+        # CPU seconds per wall second of the dense side: near the thread count when the cores were
+        # ours, near 1 (with 2 threads) when another process held a core and the timings are suspect.
+        env["cpu_per_wall"] = round(cpu["dense"] / wall["dense"], 2)
+    return env
 
 
 def bench_inference(
@@ -102,7 +109,7 @@ def bench_inference(
         "speedup_cpu_time": round(cpu["dense"] / cpu["pruned"], 3),
         "gmacs_dense": round(dense_g, 3), "gmacs_pruned": round(pruned_g, 3),
         "gmacs_ratio": round(dense_g / pruned_g, 3), "keep_counts": student.last_keep_counts,
-        "iters": iters, **_environment(dev, dtype),
+        "iters": iters, **_environment(dev, dtype, seconds, cpu),
     }
 
 
@@ -162,7 +169,7 @@ def bench_train_step(
         "img_size": list(size), "dense_step_s": round(seconds["dense"], 4),
         "gated_step_s": round(seconds["gated"], 4), "overhead": round(seconds["gated"] / seconds["dense"], 3),
         "overhead_cpu_time": round(cpu["gated"] / cpu["dense"], 3), **extra,
-        "iters": iters, **_environment(dev, dtype),
+        "iters": iters, **_environment(dev, dtype, seconds, cpu),
     }
 
 
