@@ -63,6 +63,8 @@ def test_unknown_key_names_the_closest_valid_ones():
         ("data.global_batch_size=10", "data.global_batch_size"),
         ("data.batch_size=0", "data.batch_size"),
         ("optim.lr=-1", "optim.lr"),
+        ("data.scale=[0.5, 0.2]", "data.scale"),
+        ("data.hflip=2", "data.hflip"),
         ("train.steps=0", "train.steps"),
         ("model.checkpoint=/nonexistent/w.pth", "model.checkpoint"),
         ("teacher.checkpoint=/nonexistent/t.pth", "teacher.checkpoint"),

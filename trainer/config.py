@@ -47,6 +47,10 @@ class DataConfig:
     """Stop the run when more than this fraction of the samples read were unusable."""
     auto_augment: str = "rand-m9-mstd0.5-inc1"
     """timm RandAugment spec ('' disables)."""
+    scale: list = field(default_factory=lambda: [0.08, 1.0])
+    """Random-resized-crop area range (DeiT: 0.08-1; raise the floor when objects are small)."""
+    hflip: float = 0.5
+    """Horizontal-flip probability (0 for data where mirroring changes the class, e.g. digits)."""
     reprob: float = 0.25
     """Random-erasing probability."""
     mixup: float = 0.8
@@ -346,6 +350,9 @@ def validate(cfg: Config, world_size: int | None = 1, check_paths: bool = True) 
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
     _check(_finite(d.max_skip_fraction) and 0 <= d.max_skip_fraction <= 1, "data.max_skip_fraction",
            d.max_skip_fraction, "must be in [0, 1]")
+    _check(len(d.scale) == 2 and all(_finite(v) for v in d.scale) and 0 < d.scale[0] <= d.scale[1] <= 1,
+           "data.scale", d.scale, "must be [min, max] with 0 < min <= max <= 1")
+    _check(_finite(d.hflip) and 0 <= d.hflip <= 1, "data.hflip", d.hflip, "must be in [0, 1]")
     for name in ("reprob", "smoothing"):
         v = getattr(d, name)
         _check(_finite(v) and 0 <= v < 1, f"data.{name}", v, "must be in [0, 1)")
