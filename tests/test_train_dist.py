@@ -163,3 +163,16 @@ def test_zero3_trains_exactly_like_zero2_in_fp32(shards, tmp_path):
                                           "precision=fp32", "optim.backbone_lr_scale=1.0", "data.val="))
         losses[stage] = [train_records(run_dir)[s]["loss"] for s in (1, 2, 3, 4)]
     assert losses["zero2"] == losses["zero3"]
+
+
+def test_asvit_student_trains_with_thresholds_calibrated_to_the_budget(shards, tmp_path):
+    import json
+
+    run_dir = str(tmp_path / "asvit")
+    proc = run_training("python", 1, _common(shards, run_dir, "prune.gate=asvit", "prune.w_tok=0"))
+    assert "AS-ViT thresholds calibrated to flops_budget=0.65" in proc.stdout
+    records = train_records(run_dir)
+    assert all(math.isfinite(records[s]["flops"]) for s in (1, 2, 3, 4)) and "ratio" not in records[1]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["student_gmacs"] < 0.9 * summary["dense_gmacs"]

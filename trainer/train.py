@@ -148,12 +148,19 @@ def train(cfg: Config) -> dict:
     optimizer = build_optimizer(student, base_lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), cfg.optim.eps,
                                 cfg.optim.backbone_lr_scale, int(cfg.optim.backbone_frozen_fraction * steps),
                                 gate_weight_decay=cfg.optim.gate_weight_decay)
+    resume_from = resolve_resume(cfg, ckpt_root)
+    if cfg.prune.gate == "asvit" and not resume_from:
+        # DESIGN 4: start AS-ViT thresholds at the FLOPs budget, calibrated on one training batch from a
+        # throwaway loader (the real stream is untouched). Backends broadcast rank 0's weights at wrap time.
+        probe = next(iter(TrainLoader(plan, rank, train_transform(img, aug), use_processes=False)))
+        with torch.no_grad():
+            counts = student.calibrate_thresholds(device_aug.normalize(probe["image"]).cpu())
+        dist.print0(f"AS-ViT thresholds calibrated to flops_budget={cfg.prune.flops_budget}: keep {counts}")
     backend.prepare(student, optimizer)
     weights = LossWeights(ratio=cfg.prune.w_ratio, flops=cfg.prune.w_flops, kd=cfg.prune.w_kd if teacher else 0.0,
                           tok=cfg.prune.w_tok if teacher else 0.0, kd_temperature=cfg.prune.kd_temperature)
 
     step, bad_in_a_row, bad_total = 0, 0, 0
-    resume_from = resolve_resume(cfg, ckpt_root)
     if resume_from:
         saved_world = ckpt.checkpoint_world_size(resume_from)
         if saved_world != world:
