@@ -63,15 +63,6 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
-def all_gather_objects(obj) -> list:
-    """Every rank's `obj`, in rank order (a one-element list in one process)."""
-    if not is_dist():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank if `flag` is True on any rank (so all ranks take the same branch)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)

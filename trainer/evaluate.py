@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from collections.abc import Sequence
 
 import torch
 
 from data import AugmentConfig, DeviceAugment, EvalLoader, eval_transform, resolve_split
 from model import create_student
+from model.bench import time_alternating
 from trainer.config import Config, load_config
 from trainer.evaluation import evaluate
 from trainer.export import consolidated_state_dict, resolve_checkpoint
@@ -47,20 +47,14 @@ def load_student(checkpoint: str, cfg: Config) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def dense_vs_pruned_img_s(student: torch.nn.Module, images: torch.Tensor, repeats: int = 3) -> dict[str, float]:
+def dense_vs_pruned_img_s(student: torch.nn.Module, images: torch.Tensor, iters: int = 3) -> dict[str, float]:
     """Side-by-side eval throughput of the dense backbone and the pruned student on the same batch."""
     student.eval()
-    best = {"dense": float("inf"), "pruned": float("inf")}
-    student.vit(images)
-    student(images)  # warm-up
-    for _ in range(repeats):  # alternate so machine load hits both alike
-        for name, fn in (("dense", student.vit), ("pruned", student)):
-            start = time.perf_counter()
-            fn(images)
-            best[name] = min(best[name], time.perf_counter() - start)
+    wall, _ = time_alternating({"dense": lambda: student.vit(images), "pruned": lambda: student(images)},
+                               images.device, warmup=1, iters=iters)
     n = images.shape[0]
-    return {"dense_img_s": n / best["dense"], "pruned_img_s": n / best["pruned"],
-            "speedup": best["dense"] / best["pruned"]}
+    return {"dense_img_s": n / wall["dense"], "pruned_img_s": n / wall["pruned"],
+            "speedup": wall["dense"] / wall["pruned"]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

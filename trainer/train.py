@@ -24,7 +24,6 @@ import torch
 import yaml
 
 from data import (
-    SKIP_KINDS,
     AugmentConfig,
     DeviceAugment,
     EvalLoader,
@@ -32,6 +31,7 @@ from data import (
     TrainLoader,
     eval_transform,
     resolve_split,
+    skip_summary,
     train_transform,
 )
 from model import count_flops, create_student, create_teacher
@@ -124,13 +124,15 @@ def train(cfg: Config) -> dict:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
     student, teacher, dense_gmacs = build_models(cfg, device)
+    teacher_dtype = next(teacher.parameters()).dtype if teacher is not None else torch.float32
     crop_pct = cfg.data.crop_pct or student.vit.pretrained_cfg.get("crop_pct", 0.875)
     aug = augment_config(cfg, crop_pct)
     img = cfg.model.img_size
     split = resolve_split(cfg.data.train, "train")
     plan = StreamPlan(split.shards, cfg.data.batch_size, world, max(1, cfg.data.workers), cfg.train.seed,
                       cfg.data.shuffle_buffer, cfg.model.num_classes)
-    loader = TrainLoader(plan, rank, train_transform(img, aug), cfg.data.max_skip_fraction,
+    transform = train_transform(img, aug)
+    loader = TrainLoader(plan, rank, transform, cfg.data.max_skip_fraction,
                          pin_memory=device.type == "cuda", use_processes=cfg.data.workers > 0)
     eval_loader = None
     if cfg.data.val:
@@ -152,7 +154,7 @@ def train(cfg: Config) -> dict:
     if cfg.prune.gate == "asvit" and not resume_from:
         # DESIGN 4: start AS-ViT thresholds at the FLOPs budget, calibrated on one training batch from a
         # throwaway loader (the real stream is untouched). Backends broadcast rank 0's weights at wrap time.
-        probe = next(iter(TrainLoader(plan, rank, train_transform(img, aug), use_processes=False)))
+        probe = next(iter(TrainLoader(plan, rank, transform, use_processes=False)))
         with torch.no_grad():
             counts = student.calibrate_thresholds(device_aug.normalize(probe["image"]).cpu())
         dist.print0(f"AS-ViT thresholds calibrated to flops_budget={cfg.prune.flops_budget}: keep {counts}")
@@ -192,7 +194,7 @@ def train(cfg: Config) -> dict:
 
         result = evaluate(backend.model, student_module, eval_loader, device_aug.normalize, device,
                           backend.input_dtype, img, teacher,
-                          teacher_dtype=next(teacher.parameters()).dtype if teacher else torch.float32,
+                          teacher_dtype=teacher_dtype,
                           on_first_batch=overlays if cfg.log.token_images else None)
         backend.model.train()
         log.log(at_step, result, kind="eval")
@@ -217,7 +219,7 @@ def train(cfg: Config) -> dict:
                 teacher_out = None
                 if teacher is not None:
                     with torch.inference_mode():
-                        teacher_out = teacher(x.to(next(teacher.parameters()).dtype))
+                        teacher_out = teacher(x.to(teacher_dtype))
                 terms = compute_losses(out, targets, teacher_out, weights, cfg.prune.gate, cfg.prune.keep_ratio,
                                        cfg.prune.flops_budget, dense_gmacs)
                 # Every rank takes the same branch, or the next collective would hang.
@@ -262,8 +264,7 @@ def train(cfg: Config) -> dict:
             scalars.update({f"lr/{name}": lr for name, lr in lrs.items()})
             scalars["img_per_s"] = micro * cfg.data.batch_size / max(elapsed, 1e-9)
             scalars["data_wait_fraction"] = data_wait / max(elapsed, 1e-9)
-            skips = dist.all_reduce(torch.tensor([loader.skips.get(k, 0) for k in SKIP_KINDS], dtype=torch.float64))
-            scalars.update({f"data/skipped_{k}": float(v) for k, v in zip(SKIP_KINDS, skips.tolist(), strict=True)})
+            scalars.update({f"data/skipped_{k}": float(v) for k, v in global_skips(loader).items()})
             scalars["bad_steps"] = float(bad_total)
             if backend.loss_scale() is not None:
                 scalars["loss_scale"] = backend.loss_scale()
@@ -282,17 +283,23 @@ def train(cfg: Config) -> dict:
 
     if keys_file is not None:
         keys_file.close()
-    skips = dist.all_reduce(torch.tensor([loader.skips.get(k, 0) for k in SKIP_KINDS], dtype=torch.float64))
     summary = {"steps": step, "wall_seconds": round(time.time() - start_time, 2), "world_size": world,
                "backend": backend.name, "precision": cfg.precision, "gate": cfg.prune.gate,
                "gmacs_dense": dense_gmacs, "bad_steps": bad_total,
-               "skipped_samples": {k: int(v) for k, v in zip(SKIP_KINDS, skips.tolist(), strict=True)},
+               "skipped_samples": global_skips(loader),
                **last_eval}
     if rank == 0:
         write_json(os.path.join(run_dir, "summary.json"), summary)
     log.close()
     dist.barrier()
     return summary
+
+
+def global_skips(loader: TrainLoader) -> dict[str, int]:
+    """Skipped-sample counts by kind, summed over ranks (every kind present, zeros included)."""
+    local = skip_summary(loader.skips)
+    total = dist.all_reduce(torch.tensor(list(local.values()), dtype=torch.float64))
+    return {kind: int(v) for kind, v in zip(local, total.tolist(), strict=True)}
 
 
 def param_checksum(module: torch.nn.Module) -> float:
