@@ -48,12 +48,19 @@ class TrainLoader:
 
     def __init__(self, plan: StreamPlan, rank: int, transform: Callable, max_skip_fraction: float = 0.01,
                  min_samples_for_skip_check: int = 256, pin_memory: bool = False, prefetch_factor: int = 2,
-                 use_processes: bool | None = None):
+                 use_processes: bool | None = None, any_rank: Callable[[bool], bool] | None = None,
+                 skip_check_every: int = 8):
         if not 0 <= rank < plan.world_size:
             raise ValueError(f"rank {rank} outside world size {plan.world_size}")
         self.plan, self.rank, self.transform = plan, rank, transform
         self.max_skip_fraction = max_skip_fraction
         self.min_samples_for_skip_check = min_samples_for_skip_check
+        # With several ranks the skip-rate stop must be taken by all of them at the same batch: a rank that
+        # stopped alone would leave the others waiting in the next collective until the process-group
+        # timeout. `any_rank` is that agreement (a collective); every rank yields the same number of
+        # batches, so calling it every `skip_check_every` batches keeps the ranks in step.
+        self.any_rank, self.skip_check_every = any_rank, max(1, skip_check_every)
+        self._batches_seen = 0
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         # One worker may still run in its own process (decode overlapped with training); several must.
         self.use_processes = plan.workers_per_rank > 1 if use_processes is None else use_processes
@@ -129,9 +136,19 @@ class TrainLoader:
         self.samples_read += batch["samples_read"]
         self.skips.update(batch["skips"])
         self.skips_by_shard.update(batch["skips_by_shard"])
+        self._batches_seen += 1
         skipped = sum(self.skips.values())
-        if (self.samples_read >= self.min_samples_for_skip_check
-                and skipped > self.max_skip_fraction * self.samples_read):
+        exceeded = (self.samples_read >= self.min_samples_for_skip_check
+                    and skipped > self.max_skip_fraction * self.samples_read)
+        if self.any_rank is not None:
+            if self._batches_seen % self.skip_check_every:
+                return
+            if self.any_rank(exceeded) and not exceeded:
+                raise DataQualityError(
+                    f"rank {self.rank}: stopping with the other ranks: another rank skipped more than "
+                    f"data.max_skip_fraction={self.max_skip_fraction} of its samples (its error names the worst "
+                    f"shard); this rank skipped {skipped} of {self.samples_read}, by kind: {dict(self.skips)}")
+        if exceeded:
             shard, n = self.skips_by_shard.most_common(1)[0]
             raise DataQualityError(
                 f"rank {self.rank}: skipped {skipped} of {self.samples_read} samples read "
@@ -208,6 +225,7 @@ class EvalLoader:
         return max(self._planned_batches(r) for r in range(self.world_size))
 
     def __iter__(self) -> Iterator[dict]:
+        self.skips = Counter()  # per pass over the eval set, not cumulative over evals
         shards = self._rank_shards(self.rank)
         nw = min(self.workers, len(shards))
         produced = 0

@@ -19,12 +19,17 @@ WANTED_FIELDS = frozenset(IMAGE_FIELDS + (LABEL_FIELD,))
 # Every reason a sample can be skipped; each is counted separately so a dashboard says *what* is wrong.
 SKIP_KINDS = (
     "missing_image",       # no image field in the sample
-    "bad_image",           # image bytes that PIL cannot decode (corrupt or truncated)
+    "bad_image",           # image bytes that PIL cannot identify or decode (corrupt)
+    "truncated_image",     # image bytes that end early (a cut-off download or copy)
     "missing_label",       # no `cls` field
     "bad_label",           # `cls` is not an integer
     "label_out_of_range",  # `cls` outside [0, num_classes)
-    "bad_tar",             # the tar itself is unreadable or truncated (the rest of that shard is lost)
+    "bad_tar",             # a tar that breaks while being read (truncated or damaged; the rest of it is lost)
+    "empty_shard",         # a shard with no samples at all (an empty file or an empty tar)
+    "missing_shard",       # a shard that cannot be opened (deleted or unmounted after the run started)
 )
+# Sample-level kinds count samples; the last three count shard reads (each time a worker opens the shard).
+SHARD_KINDS = ("bad_tar", "empty_shard", "missing_shard")
 
 
 class SampleError(Exception):
@@ -65,8 +70,9 @@ def decode_image(sample: dict) -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return img.convert("RGB")
-    except Exception as e:  # PIL raises many types for bad bytes; all mean the same to us
-        raise SampleError("bad_image", f"sample {sample.get('__key__')!r}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # PIL raises many types for bad bytes; only "truncated" is worth telling apart
+        kind = "truncated_image" if isinstance(e, OSError) and "truncated" in str(e).lower() else "bad_image"
+        raise SampleError(kind, f"sample {sample.get('__key__')!r}: {type(e).__name__}: {e}") from e
 
 
 def decode_sample(sample: dict, num_classes: int | None) -> tuple[Image.Image, int]:

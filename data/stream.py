@@ -13,6 +13,7 @@ be saved. We keep webdataset's tar reading and shuffle buffer and own only the p
 from __future__ import annotations
 
 import random
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -103,17 +104,36 @@ class SkipTally:
         return out
 
 
+def shard_error_kind(exn: Exception) -> str:
+    """The skip kind of an error raised while opening or reading a tar (see data.samples.SKIP_KINDS)."""
+    if isinstance(exn, FileNotFoundError):
+        return "missing_shard"
+    if isinstance(exn, tarfile.ReadError) and str(exn.args[0] if exn.args else "").startswith("empty file"):
+        return "empty_shard"
+    return "bad_tar"
+
+
 def read_shards(shards: list[Shard], tally: SkipTally) -> Iterator[dict]:
-    """Raw samples (bytes only, wanted fields only) of the shards, in order; a broken tar is counted."""
-    current = {"url": ""}
+    """Raw samples (bytes only, wanted fields only) of the shards, in order.
 
-    def on_tar_error(exn: Exception) -> bool:
-        tally.add("bad_tar", current["url"])
-        return True  # keep going with the next member or shard
-
+    A shard that is missing, empty or breaks mid-read is counted once per read (webdataset may report
+    one broken tar several times) and the stream goes on with the next shard: never fatal, never silent.
+    """
     for shard in shards:
-        current["url"] = shard.path
-        yield from tarfile_samples(iter([{"url": shard.path}]), handler=on_tar_error, select_files=wanted_member)
+        errors: list[Exception] = []
+
+        def on_tar_error(exn: Exception, errors: list[Exception] = errors, path: str = shard.path) -> bool:
+            if not errors:
+                tally.add(shard_error_kind(exn), path)
+            errors.append(exn)
+            return True  # keep going with the next member or shard
+
+        produced = 0
+        for sample in tarfile_samples(iter([{"url": shard.path}]), handler=on_tar_error, select_files=wanted_member):
+            produced += 1
+            yield sample
+        if produced == 0 and not errors:
+            tally.add("empty_shard", shard.path)  # a valid tar with no members raises nothing
 
 
 def raw_stream(plan: StreamPlan, epoch: int, rank: int, worker: int, tally: SkipTally) -> Iterator[dict]:

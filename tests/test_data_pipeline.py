@@ -130,7 +130,7 @@ def test_bad_samples_are_skipped_and_counted_by_kind_and_unusual_images_load(tmp
     loader = TrainLoader(plan, 0, train_transform(32, AUG), max_skip_fraction=1.0)
     (batch,) = list(islice(iter(loader), 1))
     assert sorted(batch["keys"]) == ["cmyk", "gray", "ok_0", "ok_1", "png_in_jpg"]
-    assert dict(loader.skips) == {"bad_image": 2, "missing_label": 1, "label_out_of_range": 1,
+    assert dict(loader.skips) == {"bad_image": 1, "truncated_image": 1, "missing_label": 1, "label_out_of_range": 1,
                                   "bad_label": 1, "missing_image": 1}
     assert set(loader.skips) <= set(SKIP_KINDS)
 
