@@ -1,9 +1,19 @@
-"""Loading local weight files into the timm model (unchanged) and, when present, the gates."""
+"""Loading local weight files into the timm model (unchanged) and, when present, the gates.
+
+Weight files are untrusted input: `.pth`/`.pt`/`.bin` go through `torch.load(weights_only=True)` (plain
+tensors and containers only, nothing executed) and `.safetensors` through safetensors. A file that
+needs real pickle (a custom class inside) is refused with `UnsafeCheckpointError` unless the caller
+passes `allow_pickle=True` (config: `ckpt.allow_pickle=true`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import pickle
+import re
 import sys
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -15,8 +25,44 @@ _WRAPPER_KEYS = ("model", "state_dict", "module")
 _MAX_LISTED = 12
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .pth/.pt/.bin (torch.load, weights_only) or .safetensors file, unwrapped."""
+ALLOW_PICKLE_HINT = "ckpt.allow_pickle=true (--set ckpt.allow_pickle=true; allow_pickle=True in Python)"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A file that needs pickle beyond plain tensors: loading it could run code, so it is refused."""
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The one useful line of torch's weights_only error (which global was refused)."""
+    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global.*)?$", str(err), re.M)
+    return found.group(1).strip() if found else str(err).splitlines()[0]
+
+
+def safe_torch_load(path: str | Path, allow_pickle: bool = False, safe_globals: Iterable[type] = ()) -> object:
+    """torch.load with weights_only=True (plus `safe_globals`, known data-only classes); refuses otherwise.
+
+    The check is the load itself, not a scan of the pickle's globals: a static scan misses globals built
+    on the stack at run time, the weights_only unpickler does not. Zip files are memory-mapped, so a
+    check of a large file reads little. With allow_pickle the file is unpickled in full (trusted files only).
+    """
+    path = str(path)
+    mmap = zipfile.is_zipfile(path)  # legacy (non-zip) torch files cannot be memory-mapped
+    allowed = list(safe_globals)
+    try:
+        # safe_globals (torch >= 2.5) scopes the allowlist to this load; nothing is allowed process-wide.
+        with torch.serialization.safe_globals(allowed) if allowed else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if not allow_pickle:
+            raise UnsafeCheckpointError(
+                f"{path}: refused: loading it needs pickle beyond plain tensors ({_unpickler_reason(e)}), and "
+                f"unpickling an untrusted file can run arbitrary code. Convert it to .safetensors, or, only if "
+                f"you trust the file, set {ALLOW_PICKLE_HINT}") from None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a .pth/.pt/.bin (weights_only torch.load, see safe_torch_load) or .safetensors file, unwrapped."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -25,7 +71,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         obj = load_file(str(path), device="cpu")
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_torch_load(path, allow_pickle)
     return unwrap_state_dict(obj, source=str(path))
 
 
@@ -66,6 +112,12 @@ def _listed(keys: list[str]) -> str:
 
 def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
     """load_state_dict(strict=True), failing first with a ValueError that names every bad key and shape."""
+    check_strict(module, sd, what)
+    module.load_state_dict(sd, strict=True)
+
+
+def check_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """ValueError naming every missing, unexpected or mis-shaped key; works on a meta-device module."""
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -83,19 +135,30 @@ def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> No
         problems.append(f"shape mismatches: {_listed(shapes)}")
     if problems:
         raise ValueError(f"cannot load {what}: " + "; ".join(problems))
-    module.load_state_dict(sd, strict=True)
+
+
+def _filtered(vit: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's own checkpoint filter for the model's family (pos-embed resize, conv patch embed)."""
+    module = sys.modules.get(type(vit).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", vision_transformer.checkpoint_filter_fn)
+    return filter_fn(sd, vit)
 
 
 def load_vit_weights(vit: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """Load timm-format weights through timm's own filter (pos-embed resize, conv patch embed) strictly."""
-    module = sys.modules.get(type(vit).__module__)
-    filter_fn = getattr(module, "checkpoint_filter_fn", vision_transformer.checkpoint_filter_fn)
-    load_strict(vit, filter_fn(sd, vit), what=f"weights into {type(vit).__name__}")
+    load_strict(vit, _filtered(vit, sd), what=f"weights into {type(vit).__name__}")
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+def check_vit_checkpoint(vit: nn.Module, path: str | Path, allow_pickle: bool = False) -> None:
+    """Raise (ValueError, UnsafeCheckpointError) unless `path` would load into `vit`; `vit` may live on
+    the meta device, so config validation checks a DeiT-B file in well under a second."""
+    vit_sd, _ = split_student_state(read_state_dict(path, allow_pickle))
+    check_strict(vit, _filtered(vit, vit_sd), what=f"{path} into {type(vit).__name__}")
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, allow_pickle: bool = False) -> None:
     """Load a file into a student or teacher: dense weights into model.vit, gate weights if both have them."""
-    vit_sd, gate_sd = split_student_state(read_state_dict(path))
+    vit_sd, gate_sd = split_student_state(read_state_dict(path, allow_pickle))
     load_vit_weights(model.vit, vit_sd)
     gates = getattr(model, "gates", None)
     if gate_sd and gates is not None and len(gates):

@@ -293,6 +293,7 @@ def create_student(
     img_size: int | None = None,
     num_classes: int | None = None,
     checkpoint: str | Path | None = None,
+    allow_pickle: bool = False,
     **timm_kwargs: Any,
 ) -> PrunedViT:
     """A timm ViT `arch` wrapped with `gate` pruning; checkpoint loads dense (and gate) weights from a file.
@@ -300,12 +301,13 @@ def create_student(
     timm_kwargs go to timm.create_model and override the arch's (depth=4, embed_dim=32, ...);
     pretrained=True uses timm's normal download path. A checkpoint may be a timm/DeiT file or one
     saved from a student (vit./gates. keys); gates keep their init unless the file has them, and
-    gate weights of another gate type are an error.
+    gate weights of another gate type are an error. A file that needs pickle (not just tensors) is
+    refused unless allow_pickle=True (only for files you trust).
     """
     if gate not in GATE_TYPES:
         raise ValueError(f"gate must be one of {GATE_TYPES}, got {gate!r}")
     vit = build_vit(arch, img_size=img_size, num_classes=num_classes, **timm_kwargs)
     student = PrunedViT(vit, gate=gate, keep_ratio=keep_ratio, flops_budget=flops_budget, locations=locations)
     if checkpoint is not None:
-        load_checkpoint(student, checkpoint)
+        load_checkpoint(student, checkpoint, allow_pickle)
     return student

@@ -39,9 +39,11 @@ class Teacher(nn.Module):
         return TeacherOutput(self.vit.forward_head(features), features[:, self.vit.num_prefix_tokens:])
 
 
-def create_teacher(arch: str, checkpoint: str | Path | None = None, **timm_kwargs: Any) -> Teacher:
-    """Frozen dense teacher of `arch`; checkpoint: a timm/DeiT file or a saved student (gates ignored)."""
+def create_teacher(arch: str, checkpoint: str | Path | None = None, allow_pickle: bool = False,
+                   **timm_kwargs: Any) -> Teacher:
+    """Frozen dense teacher of `arch`; checkpoint: a timm/DeiT file or a saved student (gates ignored).
+    A file that needs pickle is refused unless allow_pickle=True."""
     teacher = Teacher(build_vit(arch, **timm_kwargs))
     if checkpoint is not None:
-        load_checkpoint(teacher, checkpoint)
+        load_checkpoint(teacher, checkpoint, allow_pickle)
     return teacher

@@ -34,15 +34,17 @@ def find_run_config(checkpoint: str) -> str | None:
     return None
 
 
-def load_student(checkpoint: str, cfg: Config) -> torch.nn.Module:
-    """The student of `cfg` with weights from a checkpoint dir (consolidated) or an exported file."""
+def load_student(checkpoint: str, cfg: Config, allow_pickle: bool = False) -> torch.nn.Module:
+    """The student of `cfg` with weights from a checkpoint dir (consolidated) or an exported file; files
+    that need pickle are refused unless allow_pickle or the run's ckpt.allow_pickle."""
+    allow_pickle = allow_pickle or cfg.ckpt.allow_pickle
     m = cfg.model
     kwargs = dict(gate=cfg.prune.gate, keep_ratio=cfg.prune.keep_ratio, flops_budget=cfg.prune.flops_budget,
                   locations=cfg.prune.locations or None, img_size=m.img_size, num_classes=m.num_classes, **m.kwargs)
     if os.path.isfile(checkpoint):
-        return create_student(m.arch, checkpoint=checkpoint, **kwargs)
+        return create_student(m.arch, checkpoint=checkpoint, allow_pickle=allow_pickle, **kwargs)
     student = create_student(m.arch, **kwargs)
-    student.load_state_dict(consolidated_state_dict(resolve_checkpoint(checkpoint)), strict=True)
+    student.load_state_dict(consolidated_state_dict(resolve_checkpoint(checkpoint), allow_pickle), strict=True)
     return student
 
 
@@ -66,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--config", help="run config (default: the run's config.yaml)")
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load checkpoint files that need pickle (can run code: only for files you trust)")
     args = p.parse_args(argv)
 
     config_path = args.config or find_run_config(args.checkpoint)
@@ -75,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = args.data or cfg.data.val
     if not data:
         p.error("no eval data: pass --data")
-    student = load_student(args.checkpoint, cfg).eval()
+    student = load_student(args.checkpoint, cfg, args.allow_pickle).eval()
     img = cfg.model.img_size
     aug = AugmentConfig(crop_pct=cfg.data.crop_pct or student.vit.pretrained_cfg.get("crop_pct", 0.875))
     split = resolve_split(data, args.split)

@@ -66,11 +66,13 @@ def evaluate(student: Callable, student_module: torch.nn.Module, loader, normali
         if i == 0 and on_first_batch is not None:
             on_first_batch(batch, x)
     dist.all_reduce(sums)
+    # Unusable eval samples are skipped by the loader; the count says how many, so a shrunken eval set shows.
+    skipped = dist.all_reduce(torch.tensor([float(sum(getattr(loader, "skips", {}).values()))], dtype=torch.float64))
     count = max(float(sums[4]), 1.0)
     patches = getattr(student_module, "last_num_patches", None) or 1
     mean_counts = [float(sums[7 + s]) / count for s in range(stages)]
     out = {"student_top1": 100 * float(sums[0]) / count, "student_top5": 100 * float(sums[1]) / count,
-           "count": float(sums[4]),
+           "count": float(sums[4]), "eval_skipped": float(skipped[0]),
            "student_gmacs": count_flops(student_module, img_size, keep_counts=mean_counts or None)
            if stages else count_flops(student_module, img_size),
            "dense_gmacs": count_flops(getattr(student_module, "vit", student_module), img_size)}

@@ -31,25 +31,26 @@ def resolve_checkpoint(path: str) -> str:
     raise FileNotFoundError(f"{path}: no complete checkpoint (directory with a {ckpt.MARKER} marker) found")
 
 
-def consolidated_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
-    """fp32 student weights, using the consolidation of the backend that wrote the checkpoint."""
+def consolidated_state_dict(checkpoint_dir: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 student weights, using the consolidation of the backend that wrote the checkpoint; a file
+    that needs pickle is refused unless allow_pickle (see trainer.safe_load)."""
     with open(os.path.join(checkpoint_dir, "trainer_state_rank0.json")) as f:
         backend = json.load(f).get("backend", "deepspeed")
     if backend == "deepspeed":
         from trainer.backends.deepspeed_backend import consolidate_fp32
 
-        state = consolidate_fp32(checkpoint_dir)
-    else:
+        state = consolidate_fp32(checkpoint_dir, allow_pickle)
+    else:  # Accelerate keeps the weights in model.safetensors: nothing to unpickle
         from trainer.backends.accelerate_backend import unwrap_state_dict
 
         state = unwrap_state_dict(checkpoint_dir)
     return {k: v.detach().float().contiguous() for k, v in state.items()}
 
 
-def export(checkpoint: str, out: str) -> str:
+def export(checkpoint: str, out: str, allow_pickle: bool = False) -> str:
     """Write the consolidated fp32 safetensors file; returns the checkpoint directory used."""
     directory = resolve_checkpoint(checkpoint)
-    state = consolidated_state_dict(directory)
+    state = consolidated_state_dict(directory, allow_pickle)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_file(state, out, metadata={"source": os.path.abspath(directory), "format": "prunevit-student"})
     return directory
@@ -60,8 +61,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, checkpoints dir, or run dir")
     p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load checkpoint files that need pickle (can run code: only for files you trust)")
     args = p.parse_args(argv)
-    used = export(args.checkpoint, args.out)
+    used = export(args.checkpoint, args.out, args.allow_pickle)
     n = os.path.getsize(args.out) / 2**20
     print(json.dumps({"checkpoint": used, "out": args.out, "megabytes": round(n, 2)}))
 

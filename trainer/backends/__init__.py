@@ -13,10 +13,13 @@ def create_backend(cfg: Config, world_size: int) -> Backend:
     if cfg.backend.name == "deepspeed":
         from trainer.backends.deepspeed_backend import DeepSpeedBackend
 
-        return DeepSpeedBackend(load_ds_config(cfg, world_size))
-    from trainer.backends.accelerate_backend import AccelerateBackend
+        backend: Backend = DeepSpeedBackend(load_ds_config(cfg, world_size))
+    else:
+        from trainer.backends.accelerate_backend import AccelerateBackend
 
-    return AccelerateBackend(cfg.precision, cfg.optim.accum_steps, cfg.optim.grad_clip)
+        backend = AccelerateBackend(cfg.precision, cfg.optim.accum_steps, cfg.optim.grad_clip)
+    backend.allow_pickle = cfg.ckpt.allow_pickle
+    return backend
 
 
 __all__ = ["Backend", "create_backend"]

@@ -9,6 +9,16 @@ import torch
 from accelerate import Accelerator
 
 from trainer.backends.base import Backend
+from trainer.safe_load import verify_checkpoint_dir
+
+try:  # the numpy types Accelerate itself allows when it loads its RNG file with weights_only=True
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS as SAFE_GLOBALS
+except ImportError:  # pragma: no cover - the same list, for Accelerate versions that moved it
+    import codecs
+
+    import numpy as np
+
+    SAFE_GLOBALS = [np.ndarray, np.dtype, codecs.encode, getattr(np, "_core", np.core).multiarray._reconstruct]
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
@@ -70,6 +80,9 @@ class AccelerateBackend(Backend):
         self.accelerator.save_state(directory, safe_serialization=True)
 
     def load(self, directory: str) -> None:
+        # Accelerate loads with weights_only=True except custom objects (custom_checkpoint_*.pkl); the check
+        # keeps both under one rule.
+        verify_checkpoint_dir(directory, SAFE_GLOBALS, self.allow_pickle)
         self.accelerator.load_state(directory)
 
     def loss_scale(self) -> float | None:

@@ -16,6 +16,8 @@ class Backend(ABC):
     device: torch.device
     input_dtype: torch.dtype = torch.float32
     """dtype the model's inputs must have (DeepSpeed casts the module itself, Accelerate autocasts)."""
+    allow_pickle: bool = False
+    """`load` unpickles checkpoint files that need more than tensors (ckpt.allow_pickle; trusted files only)."""
 
     @abstractmethod
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -63,7 +65,8 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, directory: str) -> None:
-        """Restore what `save` wrote."""
+        """Restore what `save` wrote; first refuses files that need pickle (trainer.safe_load) unless
+        `allow_pickle`."""
 
     def loss_scale(self) -> float | None:
         """Current fp16 loss scale, if any (for logging)."""

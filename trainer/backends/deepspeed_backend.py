@@ -7,8 +7,16 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from trainer.backends.base import Backend
+from trainer.safe_load import verify_checkpoint_dir
+
+# Data-only classes DeepSpeed pickles into its ZeRO optimizer files (checked on ZeRO-1/2/3 bf16 and fp32
+# checkpoints; the loss scalers carry fp16 state). Constructing them runs no code of the file's choosing.
+SAFE_GLOBALS = (LossScaler, DynamicLossScaler, fragment_address, ZeroStageEnum)
 
 
 class DeepSpeedBackend(Backend):
@@ -79,6 +87,8 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(root, tag=tag, save_latest=False)
 
     def load(self, directory: str) -> None:
+        # DeepSpeed unpickles with weights_only=False: refuse files that need more than tensors first.
+        verify_checkpoint_dir(directory, SAFE_GLOBALS, self.allow_pickle)
         root, tag = os.path.split(os.path.normpath(directory))
         path, _ = self.engine.load_checkpoint(root, tag=tag, load_lr_scheduler_states=False)
         if path is None:
@@ -90,9 +100,11 @@ class DeepSpeedBackend(Backend):
         return None
 
 
-def consolidate_fp32(checkpoint_dir: str) -> dict[str, torch.Tensor]:
-    """fp32 state dict of the student from a ZeRO-1/2/3 checkpoint, via DeepSpeed's own zero_to_fp32."""
+def consolidate_fp32(checkpoint_dir: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 state dict of the student from a ZeRO-1/2/3 checkpoint, via DeepSpeed's own zero_to_fp32
+    (which unpickles with weights_only=False, hence the check first)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    verify_checkpoint_dir(checkpoint_dir, SAFE_GLOBALS, allow_pickle)
     root, tag = os.path.split(os.path.normpath(checkpoint_dir))
     return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
