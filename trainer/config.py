@@ -45,6 +45,8 @@ class DataConfig:
     """Samples held in each worker's shuffle buffer."""
     max_skip_fraction: float = 0.01
     """Stop the run when more than this fraction of the samples read were unusable."""
+    skip_check_min_samples: int = 256
+    """Samples a rank must have read before max_skip_fraction is enforced (a rate over a handful is noise)."""
     auto_augment: str = "rand-m9-mstd0.5-inc1"
     """timm RandAugment spec ('' disables)."""
     scale: list = field(default_factory=lambda: [0.08, 1.0])
@@ -323,10 +325,12 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def validate(cfg: Config, world_size: int | None = 1, check_paths: bool = True) -> Config:
+def validate(cfg: Config, world_size: int | None = 1, check_paths: bool = True, check_model: bool = True) -> Config:
     """Raise ConfigError naming the first invalid key; returns cfg for chaining.
 
     world_size None means "not known yet" (launch.sh before the ranks exist): checks that need it are skipped.
+    Checks run cheapest first; check_model=False leaves out the ones that import torch and timm (model
+    shape, checkpoint files), so `trainer.cli` can reject most bad configs in a fraction of a second.
     """
     p, o, d, m = cfg.prune, cfg.optim, cfg.data, cfg.model
     _check(p.gate in GATES, "prune.gate", p.gate, f"must be one of {GATES}")
@@ -350,6 +354,7 @@ def validate(cfg: Config, world_size: int | None = 1, check_paths: bool = True) 
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
     _check(_finite(d.max_skip_fraction) and 0 <= d.max_skip_fraction <= 1, "data.max_skip_fraction",
            d.max_skip_fraction, "must be in [0, 1]")
+    _check(d.skip_check_min_samples >= 0, "data.skip_check_min_samples", d.skip_check_min_samples, "must be >= 0")
     _check(len(d.scale) == 2 and all(_finite(v) for v in d.scale) and 0 < d.scale[0] <= d.scale[1] <= 1,
            "data.scale", d.scale, "must be [min, max] with 0 < min <= max <= 1")
     _check(_finite(d.hflip) and 0 <= d.hflip <= 1, "data.hflip", d.hflip, "must be in [0, 1]")
@@ -393,35 +398,66 @@ def validate(cfg: Config, world_size: int | None = 1, check_paths: bool = True) 
     if cfg.teacher.enabled is False:
         _check(p.w_kd == 0 and p.w_tok == 0, "teacher.enabled", False,
                "prune.w_kd and prune.w_tok must be 0 without a teacher")
-    _validate_model_shape(cfg)
     if cfg.backend.name == "deepspeed":
         load_ds_config(cfg, world_size or 1)
     if check_paths:
         _validate_paths(cfg)
+    if check_model:
+        _validate_model_shape(cfg, check_paths)
     return cfg
 
 
-def _validate_model_shape(cfg: Config) -> None:
-    """Resolution vs patch size and gate locations vs depth, from the timm model built on the meta device."""
+def _meta_vit(key: str, arch: str, kwargs: dict, num_classes: int, **size: int):
+    """The timm model on the meta device: allocates nothing, so even DeiT-B takes milliseconds."""
     import timm
     import torch
 
-    m = cfg.model
-    _check(timm.is_model(m.arch), "model.arch", m.arch, "not a timm model name")
-    if cfg.teacher.arch:
-        _check(timm.is_model(cfg.teacher.arch), "teacher.arch", cfg.teacher.arch, "not a timm model name")
-    # The meta device allocates nothing, so even DeiT-B is checked in milliseconds.
     with torch.device("meta"):
         try:
-            vit = timm.create_model(m.arch, pretrained=False, num_classes=m.num_classes, **m.kwargs)
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, **size, **kwargs)
         except TypeError as e:
-            raise ConfigError(f"model.kwargs={m.kwargs!r}: rejected by timm ({e})") from e
+            raise ConfigError(f"{key}={kwargs!r}: rejected by timm ({e})") from e
+
+
+def _validate_model_shape(cfg: Config, check_files: bool = True) -> None:
+    """Resolution vs patch size, gate locations vs depth, and whether the weight files fit the models."""
+    import timm
+
+    m, t = cfg.model, cfg.teacher
+    _check(timm.is_model(m.arch), "model.arch", m.arch, "not a timm model name")
+    if t.arch:
+        _check(timm.is_model(t.arch), "teacher.arch", t.arch, "not a timm model name")
+    vit = _meta_vit("model.kwargs", m.arch, m.kwargs, m.num_classes)
     patch = vit.patch_embed.patch_size[0]
     depth = len(vit.blocks)
     _check(m.img_size % patch == 0, "model.img_size", m.img_size, f"must be divisible by the patch size {patch}")
     if cfg.prune.locations:
         _check(max(cfg.prune.locations) < depth, "prune.locations", cfg.prune.locations,
                f"must be < the model depth {depth}")
+    if not check_files:
+        return
+    # The same checks create_student/create_teacher run when loading, here before any process group starts.
+    size = {"img_size": m.img_size}  # the pos-embed shape the file must be resampled to
+    files = [("model.checkpoint", m.checkpoint, lambda: _meta_vit("model.kwargs", m.arch, m.kwargs, m.num_classes,
+                                                                  **size))]
+    if t.enabled and (t.checkpoint or m.checkpoint):
+        files.append(("teacher.checkpoint" if t.checkpoint else "model.checkpoint", t.checkpoint or m.checkpoint,
+                      lambda: _meta_vit("teacher.kwargs", t.arch or m.arch, t.kwargs or m.kwargs, m.num_classes,
+                                        **size)))
+    for key, path, model in files:
+        if path:
+            _check_weights_file(key, path, model(), cfg.ckpt.allow_pickle)
+
+
+def _check_weights_file(key: str, path: str, vit: Any, allow_pickle: bool) -> None:
+    from model.checkpoint import UnsafeCheckpointError, check_vit_checkpoint
+
+    try:
+        check_vit_checkpoint(vit, path, allow_pickle)
+    except UnsafeCheckpointError as e:
+        raise ConfigError(f"{key}={path!r}: {e}") from None
+    except (ValueError, RuntimeError, OSError) as e:  # wrong keys/shapes, or not a weights file at all
+        raise ConfigError(f"{key}={path!r}: does not fit the configured model: {e}") from None
 
 
 def _validate_paths(cfg: Config) -> None:

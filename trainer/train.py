@@ -10,7 +10,6 @@ The loop reads top to bottom: one `train()` function, periodic work under `if st
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
@@ -18,6 +17,13 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+
+if __name__ == "__main__":
+    # Reject a bad config before the imports below (torch, timm: seconds), on every rank of a launch and
+    # before any process group exists; the checks that need torch run in main().
+    from trainer.cli import reject_invalid_config
+
+    reject_invalid_config()
 
 import numpy as np
 import torch
@@ -38,7 +44,8 @@ from model import count_flops, create_student, create_teacher
 from trainer import checkpoint as ckpt
 from trainer import dist
 from trainer.backends import create_backend
-from trainer.config import Config, ConfigError, load_config, validate
+from trainer.cli import checked_config, parse_args
+from trainer.config import Config, ConfigError
 from trainer.evaluation import evaluate
 from trainer.losses import LossWeights, compute_losses
 from trainer.metrics import MetricsLogger, write_json
@@ -78,11 +85,12 @@ def build_models(cfg: Config, device: torch.device):
     student = create_student(m.arch, gate=cfg.prune.gate, keep_ratio=cfg.prune.keep_ratio,
                              flops_budget=cfg.prune.flops_budget, locations=cfg.prune.locations or None,
                              img_size=m.img_size, num_classes=m.num_classes, checkpoint=m.checkpoint or None,
-                             drop_path_rate=m.drop_path, **m.kwargs)
+                             allow_pickle=cfg.ckpt.allow_pickle, drop_path_rate=m.drop_path, **m.kwargs)
     teacher = None
     if t.enabled:
         teacher = create_teacher(t.arch or m.arch, checkpoint=(t.checkpoint or m.checkpoint) or None,
-                                 img_size=m.img_size, num_classes=m.num_classes, **(t.kwargs or m.kwargs))
+                                 allow_pickle=cfg.ckpt.allow_pickle, img_size=m.img_size, num_classes=m.num_classes,
+                                 **(t.kwargs or m.kwargs))
         # Inference only: never handed to a backend. bf16 on GPU halves its cost; fp32 on CPU.
         teacher.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     return student, teacher, count_flops(student.vit, m.img_size)
@@ -132,8 +140,10 @@ def train(cfg: Config) -> dict:
     plan = StreamPlan(split.shards, cfg.data.batch_size, world, max(1, cfg.data.workers), cfg.train.seed,
                       cfg.data.shuffle_buffer, cfg.model.num_classes)
     transform = train_transform(img, aug)
-    loader = TrainLoader(plan, rank, transform, cfg.data.max_skip_fraction,
-                         pin_memory=device.type == "cuda", use_processes=cfg.data.workers > 0)
+    # any_rank: a skip-rate stop is taken by all ranks at the same batch, never by one alone (no hang).
+    loader = TrainLoader(plan, rank, transform, cfg.data.max_skip_fraction, cfg.data.skip_check_min_samples,
+                         pin_memory=device.type == "cuda", use_processes=cfg.data.workers > 0,
+                         any_rank=lambda flag: dist.any_rank(flag, device))
     eval_loader = None
     if cfg.data.val:
         val = resolve_split(cfg.data.val, "val")
@@ -315,25 +325,13 @@ class _LRTarget:
         self.param_groups = param_groups
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """--config, --set (repeatable), and the --local_rank that the DeepSpeed launcher appends."""
-    p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML config (see trainer/configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set prune.keep_ratio=0.6 (repeatable)")
-    p.add_argument("--resume", help="shorthand for --set ckpt.resume=VALUE (auto | none | DIR)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: load and validate the config before any process group exists, then train."""
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    overrides = list(args.overrides) + ([f"ckpt.resume={args.resume}"] if args.resume else [])
     try:
-        cfg = validate(load_config(args.config, overrides), world_size=dist.world_size())
+        cfg = checked_config(argv, dist.world_size())
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
