@@ -130,6 +130,8 @@ def read_shards(shards: list[Shard], tally: SkipTally) -> Iterator[dict]:
 
         produced = 0
         for sample in tarfile_samples(iter([{"url": shard.path}]), handler=on_tar_error, select_files=wanted_member):
+            if errors:
+                continue  # the sample cut off by the break: part of what the bad_tar count stands for
             produced += 1
             yield sample
         if produced == 0 and not errors:
