@@ -8,7 +8,7 @@ passes `allow_pickle=True` (config: `ckpt.allow_pickle=true`).
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import pickle
 import re
 import sys
@@ -26,6 +26,9 @@ _MAX_LISTED = 12
 
 
 ALLOW_PICKLE_HINT = "ckpt.allow_pickle=true (--set ckpt.allow_pickle=true; allow_pickle=True in Python)"
+# timm and DeiT training scripts save their argparse.Namespace beside the weights; rebuilding one is an
+# attribute bag, no code of the file's choosing (timm's own loader allows it too).
+DEFAULT_SAFE_GLOBALS = (argparse.Namespace,)
 
 
 class UnsafeCheckpointError(ValueError):
@@ -47,10 +50,10 @@ def safe_torch_load(path: str | Path, allow_pickle: bool = False, safe_globals: 
     """
     path = str(path)
     mmap = zipfile.is_zipfile(path)  # legacy (non-zip) torch files cannot be memory-mapped
-    allowed = list(safe_globals)
+    allowed = [*DEFAULT_SAFE_GLOBALS, *safe_globals]
     try:
         # safe_globals (torch >= 2.5) scopes the allowlist to this load; nothing is allowed process-wide.
-        with torch.serialization.safe_globals(allowed) if allowed else contextlib.nullcontext():
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if not allow_pickle:

@@ -22,6 +22,13 @@ from trainer.config import ConfigError, load_config, validate
 TINY = {"patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2}
 
 
+class RunMeta:
+    """A custom class saved beside the weights: loading it needs real pickle (importing this module)."""
+
+    def __init__(self, note: str):
+        self.note = note
+
+
 class _CreatesFile:
     """A pickle payload: unpickling it creates `path` (what a malicious file would do instead)."""
 
@@ -53,8 +60,10 @@ def files(tmp_path_factory) -> dict[str, str]:
     torch.save(_tiny_vit_state(), out["good_weights"])
     out["wide_weights"] = str(root / "wide.pth")  # embed_dim 48: the wrong shape for the configured model
     torch.save(_tiny_vit_state(embed_dim=48), out["wide_weights"])
-    out["namespace_weights"] = str(root / "with_args.pth")  # DeiT-style: weights plus an argparse.Namespace
+    out["namespace_weights"] = str(root / "with_args.pth")  # timm/DeiT-style: weights plus argparse.Namespace
     torch.save({"model": _tiny_vit_state(), "args": argparse.Namespace(lr=5e-4)}, out["namespace_weights"])
+    out["custom_weights"] = str(root / "with_meta.pth")  # weights plus an instance of a custom class
+    torch.save({"model": _tiny_vit_state(), "meta": RunMeta("trained on a cluster")}, out["custom_weights"])
     out["marker"] = str(root / "payload_ran")
     out["payload_weights"] = str(root / "payload.pth")
     torch.save({"model": _tiny_vit_state(), "x": _CreatesFile(out["marker"])}, out["payload_weights"])
@@ -84,7 +93,7 @@ CASES = [
     ("teacher_checkpoint_wrong_shape", ["teacher.checkpoint={wide_weights}"], "teacher.checkpoint", "wide.pth"),
     ("gate_location_beyond_depth", ["prune.locations=[1, 9]"], "prune.locations", "[1, 9]"),
     ("img_size_not_divisible_by_patch", ["model.img_size=36"], "model.img_size", "36"),
-    ("checkpoint_needs_pickle", ["model.checkpoint={namespace_weights}"], "ckpt.allow_pickle", "with_args.pth"),
+    ("checkpoint_needs_pickle", ["model.checkpoint={custom_weights}"], "ckpt.allow_pickle", "with_meta.pth"),
 ]
 # Cases whose check builds the model or reads a weight file, so they import torch and timm first (~4 s of
 # CPU each); the CLI test runs two of them.
@@ -112,9 +121,10 @@ def test_invalid_config_is_rejected_naming_key_and_value(files, case, overrides,
 
 
 def test_the_same_files_are_accepted_when_valid_so_the_table_tests_the_cause(files):
-    """Positive controls: a right-shaped weight file, and the pickle-needing one with ckpt.allow_pickle."""
-    for extra in ([f"teacher.checkpoint={files['good_weights']}"],
-                  [f"model.checkpoint={files['namespace_weights']}", "ckpt.allow_pickle=true"],
+    """Positive controls: right-shaped weight files (one with timm's saved args, which weights_only allows
+    like timm does), and the pickle-needing one with ckpt.allow_pickle."""
+    for extra in ([f"teacher.checkpoint={files['good_weights']}"], [f"model.checkpoint={files['namespace_weights']}"],
+                  [f"model.checkpoint={files['custom_weights']}", "ckpt.allow_pickle=true"],
                   ["data.global_batch_size=32", "optim.accum_steps=4"]):
         validate(load_config(SMOKE, _overrides(files, extra)), world_size=2)
 
@@ -128,12 +138,11 @@ def test_weights_needing_pickle_are_refused_without_running_them_and_load_with_t
     with pytest.raises(UnsafeCheckpointError, match=r"payload\.pth.*allow_pickle"):
         create_student("vit_tiny_patch16_224", img_size=32, num_classes=4, checkpoint=files["payload_weights"], **TINY)
     assert not os.path.exists(files["marker"]), "the payload ran"
-    with pytest.raises(UnsafeCheckpointError, match=r"with_args\.pth.*argparse\.Namespace.*ckpt\.allow_pickle"):
-        create_student("vit_tiny_patch16_224", img_size=32, num_classes=4, checkpoint=files["namespace_weights"],
-                       **TINY)
+    with pytest.raises(UnsafeCheckpointError, match=r"with_meta\.pth.*RunMeta.*ckpt\.allow_pickle"):
+        create_student("vit_tiny_patch16_224", img_size=32, num_classes=4, checkpoint=files["custom_weights"], **TINY)
     student = create_student("vit_tiny_patch16_224", img_size=32, num_classes=4,
-                             checkpoint=files["namespace_weights"], allow_pickle=True, **TINY)
-    expected = torch.load(files["namespace_weights"], weights_only=False)["model"]
+                             checkpoint=files["custom_weights"], allow_pickle=True, **TINY)
+    expected = torch.load(files["custom_weights"], weights_only=False)["model"]
     assert all(torch.equal(student.vit.state_dict()[k], v) for k, v in expected.items())
     # The negative control: the payload is live, so "not created" above means it was never unpickled.
     torch.load(files["payload_weights"], weights_only=False)
