@@ -265,6 +265,8 @@ def bad_run(tmp_path_factory) -> dict:
         f"train.seed={seed}", f"train.steps={steps}", "log.every=1", "ckpt.every=0"], timeout=300)
     wall = time.time() - start
     watcher.join(timeout=5)
+    # Put the deleted shard back (same samples): a resume must find the data plan it saved.
+    _shard(doomed, by_path[doomed].num_samples, 100 * int(os.path.basename(doomed)[6:12]), marker)
     return {"root": str(root), "run_dir": run_dir, "proc": proc, "wall": wall, "steps": steps, "marker": marker,
             "doomed": doomed, "deleted": deleted, "plan": plan, "epoch_steps": plan.steps_per_epoch(0), "seed": seed}
 
@@ -385,51 +387,63 @@ def test_resume_with_another_world_size_is_refused_with_how_to_convert(bad_run, 
                                  f"model.checkpoint={weights}"]))
 
 
-@pytest.mark.dist
-@pytest.mark.slow
-def test_resume_refuses_a_checkpoint_file_that_needs_pickle_naming_it(bad_run, tmp_path):
-    """A planted object in DeepSpeed's model-states file: DeepSpeed would unpickle it (weights_only=False);
-    the resume stops first, naming the file and ckpt.allow_pickle. The untouched checkpoint passes the same
-    check, and the flag lets the tampered one through."""
-    from trainer.safe_load import UnsafeCheckpointError, torch_files, verify_checkpoint_dir
-
-    run_dir = str(tmp_path / "run")
+def _planted_copy(bad_run: dict, run_dir: str) -> str:
+    """A copy of the bad-data run whose DeepSpeed model-states file also holds a custom object (DeepSpeed
+    itself would unpickle it with weights_only=False); returns the checkpoint directory."""
     shutil.copytree(bad_run["run_dir"], run_dir)
     (ckpt_dir,) = [os.path.join(run_dir, "checkpoints", n) for n in os.listdir(os.path.join(run_dir, "checkpoints"))
                    if n.startswith("step_")]
-    from trainer.backends.deepspeed_backend import SAFE_GLOBALS
-
-    assert verify_checkpoint_dir(ckpt_dir, SAFE_GLOBALS) == len(torch_files(ckpt_dir)) >= 3
     states = os.path.join(ckpt_dir, "mp_rank_00_model_states.pt")
     planted = torch.load(states, weights_only=False)
     planted["meta"] = Planted("added after training")
     torch.save(planted, states)
-    with pytest.raises(UnsafeCheckpointError):
-        verify_checkpoint_dir(ckpt_dir, SAFE_GLOBALS)
-    assert verify_checkpoint_dir(ckpt_dir, SAFE_GLOBALS, allow_pickle=True) == 0
+    return ckpt_dir
 
-    proc = run_training("torchrun", 2, [f"data.train={bad_run['root']}/train-*.tar", "data.val=",
-                                        f"run.dir={run_dir}", "data.workers=2", "data.batch_size=2",
-                                        f"train.seed={bad_run['seed']}", f"train.steps={bad_run['steps'] + 2}"],
-                        check=False, timeout=180)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "mp_rank_00_model_states.pt: refused" in out and "Planted" in out, out[-3000:]
-    assert "ckpt.allow_pickle=true" in out
+
+def _resume_overrides(bad_run: dict, run_dir: str, *extra: str) -> list[str]:
+    return [f"data.train={bad_run['root']}/train-*.tar", "data.val=", f"run.dir={run_dir}", "data.workers=2",
+            "data.batch_size=2", "data.shuffle_buffer=16", f"train.seed={bad_run['seed']}",
+            f"train.steps={bad_run['steps'] + 40}", *extra]
 
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_skip_rate_above_the_limit_stops_both_ranks_naming_the_worst_shard(bad_run, tmp_path):
-    """The same shards with data.max_skip_fraction=0.05: the run stops (no hang) with the worst shard named."""
-    start = time.time()
-    proc = run_training("torchrun", 2, [f"data.train={bad_run['root']}/train-*.tar", "data.val=",
-                                        f"run.dir={tmp_path / 'run'}", "data.workers=0", "data.batch_size=2",
-                                        "data.max_skip_fraction=0.05", "data.skip_check_min_samples=4",
-                                        f"train.seed={bad_run['seed']}", "train.steps=40"], check=False, timeout=180)
+def test_resume_refuses_a_checkpoint_file_that_needs_pickle_naming_it(bad_run, tmp_path):
+    """The resume stops before DeepSpeed unpickles the planted file, naming it and ckpt.allow_pickle; the
+    untouched checkpoint passes the same check (the allowlist covers what DeepSpeed really writes)."""
+    from trainer.backends.deepspeed_backend import SAFE_GLOBALS
+    from trainer.safe_load import UnsafeCheckpointError, torch_files, verify_checkpoint_dir
+
+    (clean,) = [os.path.join(bad_run["run_dir"], "checkpoints", n)
+                for n in os.listdir(os.path.join(bad_run["run_dir"], "checkpoints")) if n.startswith("step_")]
+    assert verify_checkpoint_dir(clean, SAFE_GLOBALS) == len(torch_files(clean)) >= 3
+    run_dir = str(tmp_path / "run")
+    ckpt_dir = _planted_copy(bad_run, run_dir)
+    with pytest.raises(UnsafeCheckpointError):
+        verify_checkpoint_dir(ckpt_dir, SAFE_GLOBALS)
+    proc = run_training("torchrun", 2, _resume_overrides(bad_run, run_dir), check=False, timeout=180)
     out = proc.stdout + proc.stderr
-    print(f"skip-rate stop after {time.time() - start:.1f} s; ranks reporting it: "
-          f"{sorted(set(line.split(':', 1)[0] for line in out.splitlines() if 'DataQualityError: rank' in line))}")
+    assert proc.returncode != 0
+    assert "mp_rank_00_model_states.pt: refused" in out and "Planted" in out, out[-3000:]
+    assert "ckpt.allow_pickle=true" in out and "resumed from" not in out
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_allow_pickle_loads_it_then_the_skip_rate_limit_stops_both_ranks_naming_the_worst_shard(bad_run, tmp_path):
+    """Two checks, one launch: with ckpt.allow_pickle=true the planted checkpoint resumes; the run then meets
+    data.max_skip_fraction=0.05 (the skip counters resume too) and stops on both ranks, no hang, naming
+    the worst shard."""
+    run_dir = str(tmp_path / "run")
+    _planted_copy(bad_run, run_dir)
+    start = time.time()
+    proc = run_training("torchrun", 2, _resume_overrides(
+        bad_run, run_dir, "ckpt.allow_pickle=true", "data.max_skip_fraction=0.05", "data.skip_check_min_samples=4"),
+        check=False, timeout=180)
+    out = proc.stdout + proc.stderr
+    ranks = sorted({line.split(":", 1)[0] for line in out.splitlines() if "DataQualityError: rank" in line})
+    print(f"allow_pickle resume + skip-rate stop after {time.time() - start:.1f} s; ranks reporting it: {ranks}")
+    assert f"resumed from {run_dir}" in out, out[-3000:]
     assert proc.returncode != 0 and "DataQualityError" in out, out[-3000:]
     assert "data.max_skip_fraction=0.05" in out and "worst shard: " in out, out[-3000:]
     worst = out.split("worst shard: ", 1)[1].split(" (", 1)[0]
