@@ -67,7 +67,8 @@ def evaluate(student: Callable, student_module: torch.nn.Module, loader, normali
             on_first_batch(batch, x)
     dist.all_reduce(sums)
     # Unusable eval samples are skipped by the loader; the count says how many, so a shrunken eval set shows.
-    skipped = dist.all_reduce(torch.tensor([float(sum(getattr(loader, "skips", {}).values()))], dtype=torch.float64))
+    skipped = dist.all_reduce(torch.tensor([float(sum(getattr(loader, "skips", {}).values()))], dtype=torch.float64,
+                                           device=device))
     count = max(float(sums[4]), 1.0)
     patches = getattr(student_module, "last_num_patches", None) or 1
     mean_counts = [float(sums[7 + s]) / count for s in range(stages)]
