@@ -1,12 +1,20 @@
 """Refuse training checkpoints whose files need pickle, before DeepSpeed or Accelerate unpickle them.
 
-DeepSpeed loads every file of a checkpoint with `torch.load(weights_only=False)` (its checkpoint
-engine, ZeRO-3 and `zero_to_fp32` alike), so a planted file would run code on every rank at resume,
-export or evaluate. Accelerate loads with weights_only=True (plus numpy types for its RNG file), but
-custom objects registered with `save_state` would be unpickled. Each backend therefore passes its own
-checkpoint directory through `verify_checkpoint_dir` first: every torch-format file must load with
-weights_only=True, allowing only the backend's known data-only classes (`safe_globals`); otherwise the
-resume stops with a message naming the file and `ckpt.allow_pickle`.
+What the libraries do (DeepSpeed 0.19, Accelerate 1.15, checked in their source):
+- DeepSpeed loads every checkpoint file with `torch.load(weights_only=False)`: its checkpoint engine
+  (model states and ZeRO optimizer shards, every rank), the ZeRO-3 and universal-checkpoint paths, and
+  `zero_to_fp32` (our export/evaluate). A planted object would run code on every rank at resume.
+- Accelerate's `load_state` reads weights from safetensors and optimizer/scaler/RNG files through its
+  own `load()`: `weights_only=True` plus numpy types for `random_states_<r>.pkl` (a failure there is
+  only logged). Objects registered with `register_for_checkpointing` (`custom_checkpoint_<i>.pkl`) are
+  loaded with weights_only=False; we register none, but a planted file would still be read.
+
+So each backend passes the checkpoint directory through `verify_checkpoint_dir` first: every
+torch-format file must load with weights_only=True, allowing only the backend's known data-only classes
+(`safe_globals`, e.g. DeepSpeed's loss scaler and fragment addresses); otherwise the resume, export or
+evaluate stops with a message naming the file and `ckpt.allow_pickle`. Limits: a file swapped between
+the check and the library's load is not caught (that needs write access to the run directory during the
+run), and with `ckpt.allow_pickle=true` nothing is checked.
 """
 
 from __future__ import annotations
