@@ -7,7 +7,7 @@ What the libraries do (DeepSpeed 0.19, Accelerate 1.15, checked in their source)
 - Accelerate's `load_state` reads weights from safetensors and optimizer/scaler/RNG files through its
   own `load()`: `weights_only=True` plus numpy types for `random_states_<r>.pkl` (a failure there is
   only logged). Objects registered with `register_for_checkpointing` (`custom_checkpoint_<i>.pkl`) are
-  loaded with weights_only=False; we register none, but a planted file would still be read.
+  loaded with weights_only=False; we register none, so a planted one makes load_state fail, unread.
 
 So each backend passes the checkpoint directory through `verify_checkpoint_dir` first: every
 torch-format file must load with weights_only=True, allowing only the backend's known data-only classes
