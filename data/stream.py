@@ -85,6 +85,13 @@ class StreamPlan:
         """Batches each rank yields in this epoch (equal on all ranks, so collectives never hang)."""
         return self.batches_per_worker(epoch) * self.workers_per_rank
 
+    def fingerprint(self) -> str:
+        """Everything the plan depends on, as text: ranks compare it at start (a shard pattern globbed on
+        two nodes can differ, and then so would the steps per epoch)."""
+        shards = ";".join(f"{s.path}:{s.num_samples}" for s in self.shards)
+        return (f"{shards}|{self.batch_size}|{self.world_size}|{self.workers_per_rank}|{self.seed}|"
+                f"{self.shuffle_buffer}|{self.num_classes}")
+
 
 @dataclass
 class SkipTally:

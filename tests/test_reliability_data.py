@@ -448,3 +448,33 @@ def test_allow_pickle_loads_it_then_the_skip_rate_limit_stops_both_ranks_naming_
     assert "data.max_skip_fraction=0.05" in out and "worst shard: " in out, out[-3000:]
     worst = out.split("worst shard: ", 1)[1].split(" (", 1)[0]
     assert worst.startswith(bad_run["root"]) and worst.endswith(".tar"), worst
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_ranks_that_resolved_different_shards_notice_before_training(tmp_path):
+    """A pattern globbed while a shard vanishes (or on two nodes that list a file system differently) gives
+    ranks different plans and so different steps per epoch: the plans' fingerprints are compared at start."""
+    import subprocess
+    import sys
+
+    from tests.launch import REPO, free_port
+
+    for k in range(3):
+        _shard(str(tmp_path / f"train-{k:06d}.tar"), 4, 10 * k, str(tmp_path / "m"))
+    before = StreamPlan(resolve_split(str(tmp_path / "train-*.tar"), "train").shards, 2)
+    os.remove(tmp_path / "train-000002.tar")
+    after = StreamPlan(resolve_split(str(tmp_path / "train-*.tar"), "train").shards, 2)
+    assert before.fingerprint() != after.fingerprint()
+    script = tmp_path / "agree.py"
+    script.write_text(
+        "import sys, torch.distributed as tdist\nfrom trainer import dist\ntdist.init_process_group('gloo')\n"
+        "r = tdist.get_rank()\nplans = sys.argv[1:]\n"
+        "print(f'rank{r} same={dist.same_on_all_ranks(plans[0])} differ={dist.same_on_all_ranks(plans[r])}')\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), before.fingerprint(), after.fingerprint()],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
+        "rank0 same=True differ=False", "rank1 same=True differ=False"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -67,3 +68,11 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank if `flag` is True on any rank (so all ranks take the same branch)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     return bool(all_reduce(t, "max").item() > 0)
+
+
+def same_on_all_ranks(text: str, device: torch.device | str = "cpu") -> bool:
+    """True on every rank if every rank passed the same `text` (one all-reduce of a 62-bit hash)."""
+    h = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 2
+    t = torch.tensor([h, -h], dtype=torch.int64, device=device)
+    all_reduce(t, "max")  # max(h) == h and max(-h) == -h on every rank only when all hashes are equal
+    return int(t[0]) == h and int(t[1]) == -h

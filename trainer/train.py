@@ -139,6 +139,10 @@ def train(cfg: Config) -> dict:
     split = resolve_split(cfg.data.train, "train")
     plan = StreamPlan(split.shards, cfg.data.batch_size, world, max(1, cfg.data.workers), cfg.train.seed,
                       cfg.data.shuffle_buffer, cfg.model.num_classes)
+    if not dist.same_on_all_ranks(plan.fingerprint(), device):
+        raise TrainingError(f"data.train={cfg.data.train!r}: the ranks found different shards (files changed during "
+                            f"start-up, or nodes list them differently); every rank must read the same list: "
+                            f"use a shard directory with _info.json, or restart once the files are in place")
     transform = train_transform(img, aug)
     # any_rank: a skip-rate stop is taken by all ranks at the same batch, never by one alone (no hang).
     loader = TrainLoader(plan, rank, transform, cfg.data.max_skip_fraction, cfg.data.skip_check_min_samples,
