@@ -109,3 +109,125 @@ def plot_curves(runs: dict[str, str], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The demo's measurements, goals and report.md (used by `python -m trainer.demo`).
+
+STUDENTS = ("dynamicvit", "asvit")
+MAX_TOP1_DROP = 1.5  # points of top-1 a student may lose against its teacher
+MIN_GMACS_SAVING = 0.35  # fraction of the teacher's GMACs per image a student must save
+MIN_PRECISION_OVER_RANDOM = 2.0  # kept-token precision at the last stage vs keeping tokens at random
+
+
+def load_run_model(run_dir: str) -> tuple[torch.nn.Module, object]:
+    """(model in eval mode, its config) from a run dir's latest complete checkpoint."""
+    from trainer.config import load_config
+    from trainer.evaluate import load_student
+
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    return load_student(run_dir, cfg).eval(), cfg
+
+
+@torch.no_grad()
+def measure_models(runs: dict[str, str], shards_dir: str, out_dir: str, batch_size: int = 64,
+                   iters: int = 7) -> dict:
+    """Side-by-side CPU img/s of every run's model on one val batch, plus precision and figures for students."""
+    from model.bench import time_alternating
+
+    models = {name: load_run_model(run_dir) for name, run_dir in runs.items()}
+    num_classes = next(iter(models.values()))[1].model.num_classes
+    normalize = DeviceAugment(AugmentConfig(), num_classes).normalize
+    images, _, _ = next(boxed_val_batches(shards_dir, batch_size))
+    x = normalize(images)
+    fns = {name: (lambda m=model: m(x)) for name, (model, _) in models.items()}
+    wall, _ = time_alternating(fns, x.device, warmup=2, iters=iters)
+    out: dict = {"batch_size": int(x.shape[0]), "threads": torch.get_num_threads(), "models": {}}
+    for name, seconds in wall.items():
+        out["models"][name] = {"cpu_img_s": x.shape[0] / seconds}
+    base = wall.get("teacher")
+    for name, (model, _) in models.items():
+        row = out["models"][name]
+        if base:
+            row["speedup_vs_teacher"] = base / wall[name]
+        if getattr(model, "gates", None):
+            row.update(kept_token_precision(model, shards_dir, num_classes))
+            path = os.path.join(out_dir, f"tokens_{name}.png")
+            overlay_png(model, shards_dir, num_classes, path)
+            row["overlay_png"] = os.path.basename(path)
+    curves = os.path.join(out_dir, "curves.png")
+    plot_curves(runs, curves)
+    out["curves_png"] = os.path.basename(curves)
+    return out
+
+
+def _student_goals(name: str) -> dict:
+    def accuracy(s: dict) -> dict:
+        teacher, student = s["evaluate"]["teacher"]["student_top1"], s["evaluate"][name]["student_top1"]
+        return {"met": student >= teacher - MAX_TOP1_DROP, "value": student - teacher,
+                "text": f"top-1 {student:.2f} vs teacher {teacher:.2f} ({student - teacher:+.2f} points; "
+                        f"goal >= -{MAX_TOP1_DROP})"}
+
+    def gmacs(s: dict) -> dict:
+        dense, pruned = s["evaluate"]["teacher"]["student_gmacs"], s["evaluate"][name]["student_gmacs"]
+        saving = 1 - pruned / dense
+        return {"met": saving >= MIN_GMACS_SAVING, "value": saving,
+                "text": f"{pruned * 1e3:.1f} vs {dense * 1e3:.1f} MMACs per image ({saving:.1%} fewer; "
+                        f"goal >= {MIN_GMACS_SAVING:.0%})"}
+
+    def precision(s: dict) -> dict:
+        row = s["measured"]["models"][name]
+        ratio = row["precision_over_random"]
+        return {"met": ratio >= MIN_PRECISION_OVER_RANDOM, "value": ratio,
+                "text": f"kept-token precision {row['kept_token_precision']:.3f} vs random "
+                        f"{row['random_precision']:.3f} ({ratio:.2f}x; goal >= {MIN_PRECISION_OVER_RANDOM:.0f}x)"}
+
+    def speedup(s: dict) -> dict:
+        value = s["measured"]["models"][name]["speedup_vs_teacher"]
+        return {"met": value > 1.0, "value": value, "text": f"measured CPU speed-up over the teacher {value:.2f}x"}
+
+    return {f"{name} accuracy": accuracy, f"{name} GMACs": gmacs, f"{name} kept-token precision": precision,
+            f"{name} CPU speed-up": speedup}
+
+
+GOALS = {k: v for name in STUDENTS for k, v in _student_goals(name).items()}
+
+
+def write_report(summary: dict, path: str) -> None:
+    """report.md: what ran, the results table, the goals (met or missed, plainly), the figures."""
+    ev, meas, sec = summary["evaluate"], summary["measured"]["models"], summary["seconds"]
+    data = summary["data"]
+    lines = [
+        "# Demo report", "",
+        f"Embedded digits-in-clutter set: {data['num_train']} train / {data['num_val']} val images, "
+        f"{data['canvas']} px, the digit covers {data['mean_box_patch_fraction']:.1%} of the "
+        f"{data['patch']}-px patches on average. {summary['procs']} CPU ranks per training run; total "
+        f"{sec['total'] / 60:.1f} min (data {sec['data']:.0f} s, teacher {sec['teacher']:.0f} s, DynamicViT "
+        f"{sec['dynamicvit']:.0f} s, AS-ViT {sec['asvit']:.0f} s, evaluation and report "
+        f"{sec['evaluate_and_report']:.0f} s).", "",
+        "| model | launcher | top-1 | top-5 | MMACs / image | keep ratio per stage | CPU img/s | speed-up "
+        "| kept-token precision (random) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    launchers = {"teacher": "accelerate launch", "dynamicvit": "launch.sh (DeepSpeed ZeRO-2)",
+                 "asvit": "launch.sh (DeepSpeed ZeRO-2)"}
+    for name in ("teacher", *STUDENTS):
+        e, m = ev[name], meas[name]
+        keep = ", ".join(f"{e[k]:.2f}" for k in sorted(k for k in e if k.startswith("keep_ratio/"))) or "-"
+        prec = (f"{m['kept_token_precision']:.3f} ({m['random_precision']:.3f})"
+                if "kept_token_precision" in m else "-")
+        lines.append(f"| {name} | {launchers[name]} | {e['student_top1']:.2f} | {e['student_top5']:.2f} | "
+                     f"{e['student_gmacs'] * 1e3:.1f} | {keep} | {m['cpu_img_s']:.0f} | "
+                     f"{m.get('speedup_vs_teacher', 1.0):.2f}x | {prec} |")
+    lines += ["", f"CPU img/s: batch {summary['measured']['batch_size']}, {summary['measured']['threads']} "
+              "threads, the three models timed alternately in one process (median of 7).", "", "## Goals", ""]
+    for name, goal in summary["goals"].items():
+        lines.append(f"- **{'met' if goal['met'] else 'MISSED'}**: {name}: {goal['text']}")
+    lines += ["", "## Figures", "", f"![loss and keep-ratio curves]({summary['measured']['curves_png']})", ""]
+    for name in STUDENTS:
+        lines += [f"Kept tokens, {name} (image, then each pruning stage; dropped patches faded):", "",
+                  f"![{name} kept tokens]({meas[name]['overlay_png']})", ""]
+    lines += ["## TensorBoard", "", f"`tensorboard --logdir {summary['out']}` shows the three runs side by side "
+              "(loss terms, lr, keep ratios, GMACs, img/s, eval top-1, kept-token images).", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
