@@ -48,7 +48,9 @@ class DynamicViTPredictor(nn.Module):
                 pooled = glob.float().mean(dim=1, keepdim=True)
             else:
                 w = prev_keep.float().unsqueeze(-1)
-                pooled = (glob.float() * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True)
+                # An image whose every patch token was dropped would divide 0 by 0 (NaN loss, seen on the
+                # 16-token smoke model); any kept token makes the {0,1} count >= 1, untouched by the clamp.
+                pooled = (glob.float() * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(0.5)
         z = torch.cat([local, pooled.to(local.dtype).expand(-1, local.shape[1], -1)], dim=-1)
         logits = self.out_conv(z)
         with fp32_region(logits.device.type):

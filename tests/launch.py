@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,19 +43,64 @@ def launcher_command(launcher: str, nproc: int, port: int) -> list[str]:
     raise ValueError(launcher)
 
 
-def run_training(launcher: str, nproc: int, overrides: list[str], timeout: int = 300,
-                 config: str = SMOKE, check: bool = True) -> subprocess.CompletedProcess:
-    """Run trainer.train to completion; on failure the assertion shows the tail of its output."""
+def start_training(launcher: str, nproc: int, overrides: list[str], config: str = SMOKE,
+                   env: dict[str, str] | None = None, log_path: str | None = None) -> subprocess.Popen:
+    """Start trainer.train without waiting; output to pipes, or (stderr merged) to `log_path`."""
     cmd = launcher_command(launcher, nproc, free_port()) + ["--config", config]
     for o in overrides:
         cmd += ["--set", o]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable,
+                **(env or {})}
+    # DeepSpeed JIT-builds its CPU shared-memory comm op on every CPU start; a build dir per venv stops
+    # two checkouts with their own venvs from invalidating each other's build (minutes each time).
+    full_env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(BIN), "torch_extensions"))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        full_env.pop(var, None)
+    if log_path is None:
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (launcher, ranks, data workers): kill -9 of a whole job."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def run_training(launcher: str, nproc: int, overrides: list[str], timeout: int = 300,
+                 config: str = SMOKE, check: bool = True, env: dict[str, str] | None = None,
+                 ) -> subprocess.CompletedProcess:
+    """Run trainer.train to completion; on failure the assertion shows the tail of its output."""
+    proc = start_training(launcher, nproc, overrides, config, env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(proc.args)}: still running after {timeout} s\n{(out + err)[-6000:]}") from None
+    except BaseException:  # e.g. pytest-timeout: leave no ranks behind
+        kill_tree(proc.pid)
+        raise
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check:
-        assert proc.returncode == 0, f"{' '.join(cmd)}\n--- output tail ---\n{(proc.stdout + proc.stderr)[-6000:]}"
-    return proc
+        assert done.returncode == 0, f"{' '.join(proc.args)}\n--- output tail ---\n{(out + err)[-6000:]}"
+    return done
 
 
 def train_records(run_dir: str) -> dict[int, dict]:
@@ -71,3 +118,21 @@ def trainer_states(checkpoint_dir: str) -> list[dict]:
         with open(os.path.join(checkpoint_dir, n)) as f:
             out.append(json.load(f))
     return out
+
+
+def read_keys(run_dir: str, rank: int) -> list[tuple[int, str]]:
+    """The (step, sample key) stream a rank trained on (data.log_keys), across kills and resumes.
+
+    A `# start step=S` line opens every (re)start: lines after step S that a killed run wrote were
+    redone by the resume, so they are dropped and the resumed run's lines take their place.
+    """
+    stream: list[tuple[int, str]] = []
+    with open(os.path.join(run_dir, f"keys_rank{rank}.txt")) as f:
+        for line in f:
+            if line.startswith("# start step="):
+                start = int(line.split("=", 1)[1])
+                stream = [(s, k) for s, k in stream if s <= start]
+            elif line.strip():
+                step, key = line.split()
+                stream.append((int(step), key))
+    return stream

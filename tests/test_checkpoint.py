@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 from trainer import checkpoint as ckpt
@@ -69,9 +70,8 @@ def test_old_checkpoints_are_deleted_only_after_a_newer_one_is_complete(tmp_path
         ckpt.save_checkpoint(backend, root, step, {"step": step}, keep=2)
     assert [os.path.basename(p) for p in ckpt.complete_checkpoints(root)] == ["step_00000002", "step_00000003"]
     failing = FileBackend(fail_on_save=True)
-    try:
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000004 failed: OSError: \[Errno 28\] No space left.*"
+                                                   r"previous complete checkpoint \(.*step_00000003\) is untouched"):
         ckpt.save_checkpoint(failing, root, 4, {"step": 4}, keep=2)
-    except OSError:
-        pass
     assert [os.path.basename(p) for p in ckpt.complete_checkpoints(root)] == ["step_00000002", "step_00000003"]
     assert ckpt.find_latest(root).endswith("step_00000003")

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from tests.helpers import make_shards
-from tests.launch import run_training, train_records, trainer_states
+from tests.launch import read_keys, run_training, train_records, trainer_states
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -148,9 +148,7 @@ def test_two_simulated_nodes_get_right_ranks_and_disjoint_shards(shards, tmp_pat
         (0, 0, 0, 2), (1, 0, 1, 2)]
     shards_read = []
     for rank in (0, 1):
-        with open(os.path.join(run_dir, f"keys_rank{rank}.txt")) as f:
-            keys = [k for line in f for k in line.split()[1:]]
-        shards_read.append({k.split("_")[0] for k in keys})
+        shards_read.append({k.split("_")[0] for _, k in read_keys(run_dir, rank)})
     assert shards_read[0] and shards_read[1] and not shards_read[0] & shards_read[1]
 
 

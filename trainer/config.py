@@ -154,7 +154,7 @@ class TrainSchedule:
     seed: int = 0
     """Seeds the data order, augmentation and model randomness (all pure functions of the step)."""
     max_bad_steps: int = 5
-    """Stop after this many consecutive steps with a non-finite loss."""
+    """Stop after this many consecutive skipped steps with a non-finite loss or gradients (bf16/fp32)."""
 
 
 @dataclass

@@ -42,8 +42,8 @@ from data import (
 )
 from model import count_flops, create_student, create_teacher
 from trainer import checkpoint as ckpt
-from trainer import dist
-from trainer.backends import create_backend
+from trainer import dist, faults
+from trainer.backends import Backend, create_backend
 from trainer.cli import checked_config, parse_args
 from trainer.config import Config, ConfigError
 from trainer.evaluation import evaluate
@@ -52,11 +52,29 @@ from trainer.metrics import MetricsLogger, write_json
 from trainer.optim import LRSchedule, apply_lr, build_optimizer
 from trainer.visualize import overlay_grid
 
-PER_STEP = ("grad_norm", "skipped")  # backend.step() values: one per optimizer step, not per micro-batch
-
 
 class TrainingError(RuntimeError):
     """The run cannot go on (too many non-finite steps, a checkpoint that does not fit)."""
+
+
+class KeyLog:
+    """Debug (data.log_keys): `<run>/keys_rank<r>.txt`, one `<step> <key>` line per consumed sample.
+
+    `step` is the 1-based optimizer step the sample trains; every (re)start first writes `# start
+    step=<s>`, so a reader drops the lines after step s that a killed run wrote and its resume redid.
+    Flushed per batch: a kill -9 loses no line and tears none.
+    """
+
+    def __init__(self, run_dir: str, rank: int, start_step: int):
+        self.file = open(os.path.join(run_dir, f"keys_rank{rank}.txt"), "a")
+        self.file.write(f"# start step={start_step}\n")
+
+    def write(self, step: int, keys: Sequence[str]) -> None:
+        self.file.write("".join(f"{step} {k}\n" for k in keys))
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def seed_micro_batch(seed: int, step: int, index: int) -> None:
@@ -111,7 +129,7 @@ def resolve_resume(cfg: Config, root: str) -> str | None:
     if cfg.ckpt.resume == "none":
         return None
     for torn in ckpt.incomplete_checkpoints(root):
-        dist.print0(f"ignoring incomplete checkpoint (no {ckpt.MARKER} marker): {torn}")
+        dist.print0(f"ignoring incomplete checkpoint (no {ckpt.MARKER} marker, a save was interrupted): {torn}")
     if cfg.ckpt.resume == "auto":
         return ckpt.find_latest(root)
     if not ckpt.is_complete(cfg.ckpt.resume):
@@ -164,6 +182,7 @@ def train(cfg: Config) -> dict:
     optimizer = build_optimizer(student, base_lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), cfg.optim.eps,
                                 cfg.optim.backbone_lr_scale, int(cfg.optim.backbone_frozen_fraction * steps),
                                 gate_weight_decay=cfg.optim.gate_weight_decay)
+    torn = [os.path.basename(p) for p in ckpt.incomplete_checkpoints(ckpt_root)] if cfg.ckpt.resume != "none" else []
     resume_from = resolve_resume(cfg, ckpt_root)
     if cfg.prune.gate == "asvit" and not resume_from:
         # DESIGN 4: start AS-ViT thresholds at the FLOPs budget, calibrated on one training batch from a
@@ -176,7 +195,8 @@ def train(cfg: Config) -> dict:
     weights = LossWeights(ratio=cfg.prune.w_ratio, flops=cfg.prune.w_flops, kd=cfg.prune.w_kd if teacher else 0.0,
                           tok=cfg.prune.w_tok if teacher else 0.0, kd_temperature=cfg.prune.kd_temperature)
 
-    step, bad_in_a_row, bad_total = 0, 0, 0
+    step, bad_in_a_row, bad_total, skipped_total = 0, 0, 0, 0
+    rng_base = 0  # seeds are functions of the step; faults.forget("rng") fakes a resume that restarts them
     if resume_from:
         saved_world = ckpt.checkpoint_world_size(resume_from)
         if saved_world != world:
@@ -186,13 +206,15 @@ def train(cfg: Config) -> dict:
                 f"{resume_from} --out w.safetensors) and start a new run with model.checkpoint=w.safetensors")
         backend.load(resume_from)
         state = ckpt.load_trainer_state(resume_from, rank)
-        loader.load_state_dict(state["data"])
-        step, bad_total = state["step"], state.get("bad_steps", 0)
+        if not faults.forget("data"):
+            loader.load_state_dict(state["data"])
+        step, bad_total, skipped_total = state["step"], state.get("bad_steps", 0), state.get("skipped_steps", 0)
+        rng_base = step if faults.forget("rng") else 0
         dist.print0(f"resumed from {resume_from} at step {step}")
 
     log = MetricsLogger(run_dir, rank == 0, steps, step, cfg.log.tensorboard, cfg.log.progress)
     log.text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```")
-    keys_file = open(os.path.join(run_dir, f"keys_rank{rank}.txt"), "a") if cfg.data.log_keys else None
+    keys_log = KeyLog(run_dir, rank, step) if cfg.data.log_keys else None
     student_module = backend.module
     batches = iter(loader)
     window = defaultdict(float)
@@ -218,14 +240,17 @@ def train(cfg: Config) -> dict:
         backend.model.train()
         lrs = apply_lr(_LRTarget(backend.param_groups), step, schedule)
         result: dict[str, float] = {}
+        poisoned = ""  # why this step's gradients were made non-finite on purpose ("" if they were not)
+        window["micro"] += 0  # keys present on every rank, even in a window of skipped steps
+        window["updates"] += 0
         for micro in range(cfg.optim.accum_steps):
             t0 = time.time()
             batch = next(batches)
             data_wait += time.time() - t0
             # Seed after fetching: starting a DataLoader draws from the global generator itself.
-            seed_micro_batch(cfg.train.seed, step, rank * cfg.optim.accum_steps + micro)
-            if keys_file is not None:
-                keys_file.write(f"{step} {' '.join(batch['keys'])}\n")
+            seed_micro_batch(cfg.train.seed, step - rng_base, rank * cfg.optim.accum_steps + micro)
+            if keys_log is not None:
+                keys_log.write(step + 1, batch["keys"])
             x, targets = device_aug.train(batch["image"], batch["label"])
             with backend.accumulate():
                 with backend.autocast():
@@ -236,70 +261,92 @@ def train(cfg: Config) -> dict:
                         teacher_out = teacher(x.to(teacher_dtype))
                 terms = compute_losses(out, targets, teacher_out, weights, cfg.prune.gate, cfg.prune.keep_ratio,
                                        cfg.prune.flops_budget, dense_gmacs)
-                # Every rank takes the same branch, or the next collective would hang.
-                if dist.any_rank(not bool(torch.isfinite(terms["total"]).item())):
-                    if cfg.optim.accum_steps > 1:
-                        raise TrainingError(f"non-finite loss at step {step} with optim.accum_steps > 1: "
-                                            f"skipping needs accum_steps=1")
-                    backend.skip_micro_batch()
-                    bad_in_a_row += 1
-                    bad_total += 1
-                    dist.print0(f"step {step}: non-finite loss on some rank, update skipped "
-                                f"({bad_in_a_row} in a row)")
-                    if bad_in_a_row >= cfg.train.max_bad_steps:
-                        raise TrainingError(f"{bad_in_a_row} consecutive non-finite steps (train.max_bad_steps="
-                                            f"{cfg.train.max_bad_steps}); last loss terms: "
-                                            f"{ {k: float(v) for k, v in terms.items()} }")
-                    continue
-                bad_in_a_row = 0
-                backend.backward(terms["total"])
+                loss = terms["total"]
+                if micro == cfg.optim.accum_steps - 1:
+                    loss = faults.inject_loss(loss, step + 1)
+                # A non-finite loss on any rank drops the whole optimizer step on every rank: backward of a
+                # NaN-scaled loss makes every gradient non-finite, and the backend skips such a step with
+                # the window's earlier micro-batches (backward and step still run, so every rank issues
+                # the same collectives and DeepSpeed's micro-step count stays aligned).
+                finite = not dist.any_rank(not bool(torch.isfinite(loss.detach()).item()))
+                if not finite and not poisoned:
+                    poisoned = (f"non-finite loss on some rank (micro-batch {micro}; this rank's terms "
+                                f"{ {k: round(float(v.detach()), 4) for k, v in terms.items()} })")
+                backend.backward(loss * float("nan") if poisoned else loss)
                 result = backend.step() or result
-            for k, v in terms.items():
-                window[k] += float(v.detach())
-            window["gmacs"] += float(out.flops.detach().float().mean())
-            for s, r in enumerate(out.keep_ratios.tolist()):
-                window[f"keep_ratio/stage{s}"] += r
-            window["micro"] += 1
+            if finite:
+                for k, v in terms.items():
+                    window[k] += float(v.detach())
+                window["gmacs"] += float(out.flops.detach().float().mean())
+                for s, r in enumerate(out.keep_ratios.tolist()):
+                    window[f"keep_ratio/stage{s}"] += r
+                window["micro"] += 1
         step += 1
         window_steps += 1
-        for k, v in result.items():
-            window[k] += v
         log.advance()
+        skipped = bool(result.get("skipped"))
+        norm = result.get("grad_norm")
+        if not skipped and (poisoned or (norm is not None and not math.isfinite(norm))):
+            raise TrainingError(f"step {step}: the {backend.name} backend applied an update with non-finite "
+                                f"gradients ({poisoned or f'grad norm {norm}'}); the weights are no longer "
+                                f"trustworthy: resume from the last checkpoint")
+        if norm is not None and not skipped:  # a skipped step's norm is inf or nan: not in the mean
+            window["grad_norm"] += norm
+            window["updates"] += 1
+        skipped_total += skipped
+        # fp16: a skipped step is the loss scaler backing off from an overflow, which is routine.
+        bad = bool(poisoned) or (skipped and cfg.precision != "fp16")
+        bad_in_a_row = bad_in_a_row + 1 if bad else 0
+        bad_total += bad
+        if bad:
+            dist.print0(f"step {step}: {poisoned or f'non-finite gradients (grad norm {norm})'}; update skipped on "
+                        f"every rank ({bad_in_a_row} in a row, {bad_total} in total)")
 
-        if step % cfg.log.every == 0 or step == steps:
+        if step % cfg.log.every == 0 or step == steps or bad_in_a_row >= cfg.train.max_bad_steps:
             # Means over the window and over ranks (sums reduced, then divided).
             keys = sorted(window)
-            vals = dist.all_reduce(torch.tensor([window[k] for k in keys], dtype=torch.float64))
-            micro = max(float(vals[keys.index("micro")]), 1.0)
+            vals = dict(zip(keys, dist.all_reduce(torch.tensor([window[k] for k in keys], dtype=torch.float64))
+                            .tolist(), strict=True))
+            micro, updates = max(vals.pop("micro"), 1.0), max(vals.pop("updates"), 1.0)
             elapsed = time.time() - window_start
-            scalars = {k: float(v) / (window_steps * world if k in PER_STEP else micro)
-                       for k, v in zip(keys, vals.tolist(), strict=True) if k != "micro"}
-            scalars["loss"] = scalars.pop("total")
+            scalars = {k: v / (updates if k == "grad_norm" else micro) for k, v in vals.items()}
+            if "total" in scalars:  # absent when every step of the window was skipped
+                scalars["loss"] = scalars.pop("total")
             scalars.update({f"lr/{name}": lr for name, lr in lrs.items()})
             scalars["img_per_s"] = micro * cfg.data.batch_size / max(elapsed, 1e-9)
             scalars["data_wait_fraction"] = data_wait / max(elapsed, 1e-9)
             scalars.update({f"data/skipped_{k}": float(v) for k, v in global_skips(loader).items()})
             scalars["bad_steps"] = float(bad_total)
+            scalars["skipped_steps"] = float(skipped_total)
             if backend.loss_scale() is not None:
                 scalars["loss_scale"] = backend.loss_scale()
+            if faults.active():
+                scalars.update(debug_param_sums(backend, rank, world))
             log.log(step, scalars)
             window.clear()
             window_steps, data_wait, window_start = 0, 0.0, time.time()
+        if bad_in_a_row >= cfg.train.max_bad_steps:
+            raise TrainingError(f"stopping at step {step}: {bad_in_a_row} consecutive non-finite steps "
+                                f"(train.max_bad_steps={cfg.train.max_bad_steps}), all skipped; last: "
+                                f"{poisoned or f'non-finite gradients (grad norm {norm})'}")
 
         if (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step == steps:
-            state = {"step": step, "data": loader.state_dict(), "bad_steps": bad_total, "backend": backend.name,
+            state = {"step": step, "data": loader.state_dict(), "bad_steps": bad_total,
+                     "skipped_steps": skipped_total, "backend": backend.name,
                      "param_checksum": param_checksum(student_module), "rank": rank, "world_size": world,
                      "local_rank": dist.local_rank(), "node_rank": int(os.environ.get("GROUP_RANK", 0))}
             path = ckpt.save_checkpoint(backend, ckpt_root, step, state, cfg.ckpt.keep)
             dist.print0(f"saved checkpoint {path}")
         if eval_loader is not None and ((cfg.log.eval_every and step % cfg.log.eval_every == 0) or step == steps):
             last_eval = run_eval(step)
+        faults.hit("after_step", step)
 
-    if keys_file is not None:
-        keys_file.close()
+    if keys_log is not None:
+        keys_log.close()
     summary = {"steps": step, "wall_seconds": round(time.time() - start_time, 2), "world_size": world,
                "backend": backend.name, "precision": cfg.precision, "gate": cfg.prune.gate,
-               "gmacs_dense": dense_gmacs, "bad_steps": bad_total,
+               "gmacs_dense": dense_gmacs, "bad_steps": bad_total, "skipped_steps": skipped_total,
+               "ignored_checkpoints": torn,
                "skipped_samples": global_skips(loader),
                **last_eval}
     if rank == 0:
@@ -320,6 +367,14 @@ def param_checksum(module: torch.nn.Module) -> float:
     """fp64 sum of |p| over the parameters this rank holds (replicas must agree; ZeRO-3 holds shards)."""
     with torch.no_grad():
         return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
+
+
+def debug_param_sums(backend: Backend, rank: int, world: int) -> dict[str, float]:
+    """Every rank's `faults.param_fingerprint` (fault-injection runs only): equal replicas, untouched skips."""
+    sums = torch.zeros(world, dtype=torch.float64)
+    with backend.gathered_parameters():
+        sums[rank] = faults.param_fingerprint(backend.module)
+    return {f"debug/param_sum/rank{r}": v for r, v in enumerate(dist.all_reduce(sums).tolist())}
 
 
 class _LRTarget:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
+from trainer import dist
 from trainer.backends.base import Backend
 from trainer.safe_load import verify_checkpoint_dir
 
@@ -63,18 +65,19 @@ class AccelerateBackend(Backend):
     def step(self) -> dict[str, float]:
         if not self.accelerator.sync_gradients:
             return {}
-        norm = float("nan")
+        params = [p for p in self._model.parameters() if p.grad is not None]
         if self.grad_clip > 0:
-            norm = float(self.accelerator.clip_grad_norm_(self._model.parameters(), self.grad_clip))
+            norm = float(self.accelerator.clip_grad_norm_(params, self.grad_clip))
+        else:
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        # fp16: the GradScaler skips overflowing steps itself (and must see them to lower its scale).
+        # bf16/fp32: nothing would, so skip here; DDP averaged the gradients, the flag is reduced anyway.
+        if self.accelerator.scaler is None and dist.any_rank(not math.isfinite(norm), self.device):
+            self._optimizer.zero_grad(set_to_none=True)
+            return {"grad_norm": norm, "skipped": 1.0}
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": norm, "skipped": float(self._optimizer.step_was_skipped)}
-
-    def skip_micro_batch(self) -> None:
-        # accumulate() counted this micro-batch; drop whatever gradient the step has gathered so far
-        # only at the boundary, where the optimizer would have consumed it.
-        if self.accelerator.sync_gradients:
-            self._optimizer.zero_grad(set_to_none=True)
 
     def save(self, directory: str) -> None:
         self.accelerator.save_state(directory, safe_serialization=True)

@@ -53,11 +53,9 @@ class Backend(ABC):
     @abstractmethod
     def step(self) -> dict[str, float]:
         """Clip + optimizer step at an accumulation boundary, then zero grads; returns grad_norm and
-        whether the backend skipped the update (fp16 overflow)."""
-
-    @abstractmethod
-    def skip_micro_batch(self) -> None:
-        """Drop this micro-batch's contribution (non-finite loss on some rank): no backward, no update."""
+        whether the update was skipped. Non-finite gradients (on any rank) must skip the update on every
+        rank and drop the whole accumulation window's gradients: the trainer poisons a window with a
+        non-finite loss into exactly that case."""
 
     @abstractmethod
     def save(self, directory: str) -> None:
@@ -67,6 +65,10 @@ class Backend(ABC):
     def load(self, directory: str) -> None:
         """Restore what `save` wrote; first refuses files that need pickle (trainer.safe_load) unless
         `allow_pickle`."""
+
+    def gathered_parameters(self) -> contextlib.AbstractContextManager:
+        """Context in which `module`'s parameters hold their full values (ZeRO-3 gathers: all ranks call)."""
+        return contextlib.nullcontext()
 
     def loss_scale(self) -> float | None:
         """Current fp16 loss scale, if any (for logging)."""

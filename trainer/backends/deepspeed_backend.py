@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -39,6 +40,14 @@ class DeepSpeedBackend(Backend):
             torch.cuda.set_device(self.device)
         self.ds_config = ds_config
         if ds_config.get("bf16", {}).get("enabled"):
+            # The ZeRO optimizers skip a bf16 step with non-finite gradients only with this on (default
+            # on in DeepSpeed 0.19.8; without it ZeRO-1/2 apply NaN updates, measured). The trainer relies
+            # on it and checks every step that a non-finite one was skipped (trainer.train).
+            if ds_config["bf16"].get("check_grad_overflow") is False:
+                raise ValueError("ds_config bf16.check_grad_overflow=false: the trainer needs DeepSpeed to skip "
+                                 "steps with non-finite gradients; remove the key")
+            if _knows_bf16_overflow_check():
+                ds_config["bf16"]["check_grad_overflow"] = True
             self.input_dtype = torch.bfloat16
         elif ds_config.get("fp16", {}).get("enabled"):
             self.input_dtype = torch.float16
@@ -70,15 +79,10 @@ class DeepSpeedBackend(Backend):
         self.engine.step()
         if not boundary:
             return {}
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm()  # None when DeepSpeed did not compute one
         skipped = self.engine.skipped_steps > self._skipped_before
         self._skipped_before = self.engine.skipped_steps
-        return {"grad_norm": float(norm) if norm is not None else float("nan"), "skipped": float(skipped)}
-
-    def skip_micro_batch(self) -> None:
-        # Nothing was backpropagated, so there is nothing to undo: the engine's micro-step counter does
-        # not advance and its gradient buffers are untouched.
-        pass
+        return {"skipped": float(skipped)} | ({"grad_norm": float(norm)} if norm is not None else {})
 
     def save(self, directory: str) -> None:
         # save_latest=False: DeepSpeed writes `latest` before every rank has finished; ours is written
@@ -93,11 +97,26 @@ class DeepSpeedBackend(Backend):
         path, _ = self.engine.load_checkpoint(root, tag=tag, load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
+        self._skipped_before = self.engine.skipped_steps  # restored by the load: not a skip of this run
+
+    def gathered_parameters(self) -> contextlib.AbstractContextManager:
+        if self.engine.zero_optimization_stage() == 3:
+            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()))
+        return contextlib.nullcontext()
 
     def loss_scale(self) -> float | None:
         if self.ds_config.get("fp16", {}).get("enabled"):
             return float(self.engine.optimizer.cur_scale) if hasattr(self.engine.optimizer, "cur_scale") else None
         return None
+
+
+def _knows_bf16_overflow_check() -> bool:
+    """Whether this DeepSpeed has the bf16 `check_grad_overflow` key (older ones reject unknown keys)."""
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        return False
+    return "check_grad_overflow" in DeepSpeedBF16Config.model_fields
 
 
 def consolidate_fp32(checkpoint_dir: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
