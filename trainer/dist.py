@@ -60,7 +60,13 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum, max or min) of a tensor; identity in one process."""
     if is_dist():
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        dist.all_reduce(tensor, op=ops[op])
+        if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+            # NCCL reduces CUDA tensors only; the loop's small CPU counters and sums take a round trip.
+            on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_device, op=ops[op])
+            tensor.copy_(on_device)
+        else:
+            dist.all_reduce(tensor, op=ops[op])
     return tensor
 
 
