@@ -25,8 +25,25 @@ import torch.nn.functional as F
 
 from model.flops import count_flops
 from model.student import PrunedViT, create_student
+from model.teacher import Teacher
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Dense peak TFLOP/s per device and dtype (vendor datasheets, no sparsity): the MFU denominator.
+# SXM parts; PCIe/NVL variants are a little lower, so their MFU reads a little low.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+}
+
+
+def peak_tflops(device: torch.device, dtype: str) -> float | None:
+    """The device's dense peak for `dtype`, when known (None on CPUs and unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks.get(dtype) for key, peaks in PEAK_TFLOPS.items() if key in name), None)
 
 
 def _sync(device: torch.device) -> None:
@@ -139,16 +156,28 @@ def bench_train_step(
     iters: int = 5,
     with_reference: bool = False,
 ) -> dict[str, Any]:
-    """Training-mode forward+backward seconds of the gated student vs the same model without gates."""
+    """Side by side: forward+backward of the dense and the gated student, and the teacher's forward.
+
+    A distillation step costs gated + teacher; `step_img_s` and `mfu` describe that sum. Model FLOPs
+    are counted as the training computes them: the gated student masks tokens instead of dropping them
+    (every token is computed), so its forward+backward is 3x the dense forward, plus the teacher's forward.
+    """
     dev = torch.device(device)
     gated = create_student(arch, gate, keep_ratio, flops_budget, img_size=img_size).train().to(dev)
     dense = PrunedViT(copy.deepcopy(gated.vit), gate="none").train().to(dev)
+    teacher = Teacher(copy.deepcopy(gated.vit)).to(dev)
     size = gated.vit.patch_embed.img_size
     images = torch.randn(batch_size, 3, *size, device=dev)
     labels = torch.randint(0, gated.vit.num_classes, (batch_size,), device=dev)
+
+    def teacher_forward() -> None:
+        with torch.inference_mode(), _autocast(dev, dtype):
+            teacher(images)
+
     steps = {
         "dense": lambda: _train_step(dense, images, labels, dev, dtype),
         "gated": lambda: _train_step(gated, images, labels, dev, dtype),
+        "teacher": teacher_forward,
     }
     if with_reference:
         # DynamicViT's own explicit N x N fp32 masked softmax: the anchor the fused path should beat.
@@ -157,18 +186,30 @@ def bench_train_step(
             blk.attn.fused_attn = False
         steps["reference"] = lambda: _train_step(reference, images, labels, dev, dtype)
     seconds, cpu = time_alternating(steps, dev, warmup, iters)
-    extra = {}
+    extra: dict[str, Any] = {}
     if with_reference:
         extra = {
             "reference_step_s": round(seconds["reference"], 4),
             "reference_overhead": round(seconds["reference"] / seconds["dense"], 3),
             "reference_overhead_cpu_time": round(cpu["reference"] / cpu["dense"], 3),
         }
+    step_s = seconds["gated"] + seconds["teacher"]
+    dense_gmacs = count_flops(gated.vit, size)
+    # 2 FLOPs per MAC; backward ~2x forward; the teacher runs forward only.
+    step_tflop = batch_size * 2 * dense_gmacs * (3 + 1) / 1e3
+    peak = peak_tflops(dev, dtype)
+    if peak is not None:
+        extra["peak_tflops"] = peak
+        extra["mfu"] = round(step_tflop / step_s / peak, 4)
     return {
         "bench": "train-step", "arch": arch, "gate": gate, "keep_ratio": keep_ratio, "batch_size": batch_size,
         "img_size": list(size), "dense_step_s": round(seconds["dense"], 4),
-        "gated_step_s": round(seconds["gated"], 4), "overhead": round(seconds["gated"] / seconds["dense"], 3),
-        "overhead_cpu_time": round(cpu["gated"] / cpu["dense"], 3), **extra,
+        "gated_step_s": round(seconds["gated"], 4), "teacher_forward_s": round(seconds["teacher"], 4),
+        "overhead": round(seconds["gated"] / seconds["dense"], 3),
+        "overhead_cpu_time": round(cpu["gated"] / cpu["dense"], 3),
+        "teacher_forward_over_dense_step": round(seconds["teacher"] / seconds["dense"], 3),
+        "dense_img_s": round(batch_size / seconds["dense"], 2), "gated_img_s": round(batch_size / seconds["gated"], 2),
+        "step_img_s": round(batch_size / step_s, 2), "step_tflop_per_s": round(step_tflop / step_s, 3), **extra,
         "iters": iters, **_environment(dev, dtype, seconds, cpu),
     }
 

@@ -5,7 +5,8 @@
     python -m trainer.bench data       --img-size 384 --workers 1 [--data IMAGEFOLDER]
 
 inference: dense vs pruned eval img/s side by side, and the analytic GMACs ratio (the physical limit).
-train-step: forward+backward of the dense vs the gated student, side by side.
+train-step: forward+backward of the dense and the gated student and the teacher forward, side by side;
+            img/s of the distillation step, and MFU on GPUs with a known peak (H100, H200, A100).
 data: decoded+augmented img/s per worker, our shard pipeline vs timm's ImageFolder loader.
 """
 

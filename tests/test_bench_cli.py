@@ -1,0 +1,42 @@
+"""The benchmark CLIs run end to end on CPU (tiny sizes) and print the fields the README quotes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.launch import REPO
+
+TINY = ["--arch", "vit_tiny_patch16_224", "--img-size", "64", "--batch-size", "4", "--warmup", "1", "--iters", "2",
+        "--threads", "1"]
+
+
+def run_bench(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "trainer.bench", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_train_step_bench_times_dense_gated_and_teacher_side_by_side():
+    out = run_bench("train-step", *TINY)
+    for key in ("dense_step_s", "gated_step_s", "teacher_forward_s", "dense_img_s", "gated_img_s", "step_img_s"):
+        assert out[key] > 0, key
+    assert out["overhead"] == pytest.approx(out["gated_step_s"] / out["dense_step_s"], rel=0.01)
+    assert out["step_img_s"] == pytest.approx(4 / (out["gated_step_s"] + out["teacher_forward_s"]), rel=0.01)
+    assert "mfu" not in out  # no known peak for a CPU: MFU is reported on GPUs only
+
+
+@pytest.mark.parametrize("gate", ["dynamicvit", "asvit"])
+def test_inference_bench_reports_speedup_and_gmacs(gate):
+    out = run_bench("inference", *TINY, "--gate", gate)
+    assert out["gmacs_pruned"] < out["gmacs_dense"]
+    assert out["speedup"] == pytest.approx(out["pruned_img_s"] / out["dense_img_s"], rel=0.02)
+
+
+def test_unknown_bench_prints_usage_and_fails():
+    proc = subprocess.run([sys.executable, "-m", "trainer.bench", "nope"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "train-step" in proc.stderr
