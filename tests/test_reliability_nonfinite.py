@@ -77,6 +77,8 @@ def test_non_finite_steps_are_skipped_on_every_rank_counted_and_stop_the_run(sha
     assert [(s["skipped_steps"], s["bad_steps"]) for s in states] == [(2, 2), (2, 2)]
     if backend == "zero2":
         _assert_tensorboard_counts(os.path.join(run_dir, "tb"))
+    print(f"{backend} bf16 accum={accum}: 4 injected non-finite steps (2 NaN loss, 2 inf grad) skipped on both "
+          f"ranks, parameters unchanged by them, run stopped at step 7 (max_bad_steps=2)")
 
 
 def _assert_tensorboard_counts(tb_dir: str) -> None:
