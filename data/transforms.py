@@ -25,6 +25,7 @@ class AugmentConfig:
     interpolation: str = "bicubic"
     scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = 0.5
+    color_jitter: float = 0.4  # timm's default; timm itself turns it off when RandAugment is on (DeiT)
     reprob: float = 0.25
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -39,7 +40,8 @@ class AugmentConfig:
 def train_transform(img_size: int, aug: AugmentConfig) -> Callable:
     """PIL image -> uint8 CHW tensor: random-resized crop, flip, RandAugment (timm)."""
     transform = create_transform(img_size, is_training=True, scale=aug.scale, hflip=aug.hflip,
-                                 auto_augment=aug.auto_augment, interpolation=aug.interpolation,
+                                 color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment,
+                                 interpolation=aug.interpolation,
                                  mean=aug.mean, std=aug.std, use_prefetcher=True)
     tolerate_zero_bit_posterize(transform)
     return transform

@@ -53,6 +53,8 @@ class DataConfig:
     """Random-resized-crop area range (DeiT: 0.08-1; raise the floor when objects are small)."""
     hflip: float = 0.5
     """Horizontal-flip probability (0 for data where mirroring changes the class, e.g. digits)."""
+    color_jitter: float = 0.4
+    """Brightness/contrast/saturation jitter strength (timm's default); timm skips it when auto_augment is set."""
     reprob: float = 0.25
     """Random-erasing probability."""
     mixup: float = 0.8
@@ -358,6 +360,7 @@ def validate(cfg: Config, world_size: int | None = 1, check_paths: bool = True, 
     _check(len(d.scale) == 2 and all(_finite(v) for v in d.scale) and 0 < d.scale[0] <= d.scale[1] <= 1,
            "data.scale", d.scale, "must be [min, max] with 0 < min <= max <= 1")
     _check(_finite(d.hflip) and 0 <= d.hflip <= 1, "data.hflip", d.hflip, "must be in [0, 1]")
+    _check(_finite(d.color_jitter) and d.color_jitter >= 0, "data.color_jitter", d.color_jitter, "must be >= 0")
     for name in ("reprob", "smoothing"):
         v = getattr(d, name)
         _check(_finite(v) and 0 <= v < 1, f"data.{name}", v, "must be in [0, 1)")

@@ -92,8 +92,9 @@ def seed_micro_batch(seed: int, step: int, index: int) -> None:
 def augment_config(cfg: Config, crop_pct: float) -> AugmentConfig:
     """The data section's augmentation knobs as data.AugmentConfig."""
     d = cfg.data
-    return AugmentConfig(auto_augment=d.auto_augment or None, scale=tuple(d.scale), hflip=d.hflip, reprob=d.reprob,
-                         mixup=d.mixup, cutmix=d.cutmix, smoothing=d.smoothing, crop_pct=crop_pct)
+    return AugmentConfig(auto_augment=d.auto_augment or None, scale=tuple(d.scale), hflip=d.hflip,
+                         color_jitter=d.color_jitter, reprob=d.reprob, mixup=d.mixup, cutmix=d.cutmix,
+                         smoothing=d.smoothing, crop_pct=crop_pct)
 
 
 def build_models(cfg: Config, device: torch.device):
