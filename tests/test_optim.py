@@ -11,7 +11,7 @@ from torch import nn
 
 from trainer.optim import LRSchedule, apply_lr, build_optimizer, group_lr, lr_at, param_groups
 
-GROUP_NAMES = {"gate_decay", "gate_no_decay", "backbone_decay", "backbone_no_decay"}
+GROUP_NAMES = {"gate_decay", "gate_no_decay", "gate_threshold", "backbone_decay", "backbone_no_decay"}
 
 
 class ThresholdGate(nn.Module):
@@ -53,7 +53,7 @@ def test_no_decay_on_norms_biases_embeddings_tokens_and_thresholds():
     model = FakeStudent()
     groups = param_groups(model, lr=1e-3, weight_decay=0.05)
     by_name = names_by_group(model, groups)
-    no_decay = set(by_name["gate_no_decay"] + by_name["backbone_no_decay"])
+    no_decay = set(by_name["gate_no_decay"] + by_name["backbone_no_decay"] + by_name["gate_threshold"])
     for name in ("vit.pos_embed", "vit.cls_token", "vit.reg_token", "vit.norm.weight", "vit.norm.bias",
                  "vit.blocks.0.norm1.weight", "vit.blocks.0.attn.qkv.bias", "vit.head.bias",
                  "gates.1.threshold", "gates.0.0.weight", "gates.0.1.bias"):
@@ -62,7 +62,8 @@ def test_no_decay_on_norms_biases_embeddings_tokens_and_thresholds():
     assert all(dict(model.named_parameters())[n].ndim >= 2 for n in decay)
     assert "vit.blocks.0.attn.qkv.weight" in decay and "gates.0.1.weight" in decay
     wd = {g["name"]: g["weight_decay"] for g in groups}
-    assert wd == {"gate_decay": 0.05, "gate_no_decay": 0.0, "backbone_decay": 0.05, "backbone_no_decay": 0.0}
+    assert wd == {"gate_decay": 0.05, "gate_no_decay": 0.0, "backbone_decay": 0.05, "backbone_no_decay": 0.0,
+                  "gate_threshold": 0.0}
 
 
 def test_gates_and_backbone_are_separate_groups_with_their_lr_scale_and_freeze():
@@ -97,8 +98,8 @@ def test_real_student_params_are_grouped_by_gate_and_decay():
         assert sum(len(v) for v in by_name.values()) == len(list(student.parameters()))
         assert "vit.pos_embed" in by_name["backbone_no_decay"]
         if gate == "asvit":
-            assert all(n.endswith("threshold") for n in by_name["gate_no_decay"])
-            assert "gate_decay" not in by_name
+            assert by_name["gate_threshold"] == [f"gates.{s}.threshold" for s in range(len(student.gates))]
+            assert "gate_decay" not in by_name and "gate_no_decay" not in by_name
 
 
 def test_schedule_endpoints_and_shape():
@@ -181,3 +182,12 @@ def test_schedule_rejects_inconsistent_values():
         LRSchedule(base_lr=1e-3, total_steps=10, min_lr=1e-2)
     with pytest.raises(ValueError):
         lr_at(-1, 1e-3, 0, 10)
+
+
+def test_asvit_thresholds_step_at_their_own_small_lr():
+    model = FakeStudent()
+    groups = {g["name"]: g for g in param_groups(model, lr=1e-3, weight_decay=0.05, threshold_lr_scale=0.02)}
+    assert groups["gate_threshold"]["lr"] == pytest.approx(2e-5) and groups["gate_threshold"]["weight_decay"] == 0
+    assert groups["gate_no_decay"]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="threshold_lr_scale"):
+        param_groups(model, lr=1e-3, weight_decay=0.05, threshold_lr_scale=-1)

@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -135,6 +136,8 @@ class OptimConfig:
     """Weight decay of the gate parameters (DESIGN: none on gates)."""
     backbone_lr_scale: float = 0.01
     """Backbone LR relative to the gates."""
+    threshold_lr_scale: float = 0.02
+    """LR multiplier of AS-ViT's thresholds vs the gate lr: they live on the ~1/N attention-mass scale."""
     backbone_frozen_fraction: float = 1 / 6
     """Fraction of training during which the backbone LR is 0."""
     betas: list = field(default_factory=lambda: [0.9, 0.999])
@@ -254,6 +257,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         return float(value)
     if base is float and isinstance(value, str) and value.lower() in ("nan", "inf", "-inf", ".nan"):
         return float(value.replace(".", ""))
+    if base is float and isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
+        return float(value)  # YAML 1.1 reads 2e-5 (no dot) as a string; it is plainly a number
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"config key '{key}' expects {getattr(base, '__name__', base)}, "
@@ -379,6 +384,8 @@ def validate(cfg: Config, world_size: int | None = 1, check_paths: bool = True, 
            o.gate_weight_decay, "must be >= 0")
     _check(_finite(o.backbone_lr_scale) and o.backbone_lr_scale >= 0, "optim.backbone_lr_scale",
            o.backbone_lr_scale, "must be >= 0")
+    _check(_finite(o.threshold_lr_scale) and o.threshold_lr_scale >= 0, "optim.threshold_lr_scale",
+           o.threshold_lr_scale, "must be >= 0")
     _check(_finite(o.backbone_frozen_fraction) and 0 <= o.backbone_frozen_fraction < 1,
            "optim.backbone_frozen_fraction", o.backbone_frozen_fraction, "must be in [0, 1)")
     _check(_finite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")

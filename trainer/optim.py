@@ -50,10 +50,14 @@ def param_groups(
     backbone_lr_scale: float = 0.01,
     backbone_frozen_until: int = 0,
     gate_weight_decay: float | None = None,
+    threshold_lr_scale: float = 1.0,
 ) -> list[dict]:
-    """AdamW groups {gate,backbone}_{decay,no_decay} with name/lr_scale/frozen_until; empty ones dropped.
+    """AdamW groups {gate,backbone}_{decay,no_decay} (+ gate_threshold) with name/lr_scale/frozen_until.
 
-    gate_weight_decay defaults to weight_decay (DynamicViT's code decays the predictor's weights too).
+    Empty groups are dropped. gate_weight_decay defaults to weight_decay (DynamicViT's code decays the
+    predictor's weights too). AS-ViT thresholds get their own group at lr * threshold_lr_scale: they
+    live on the attention-mass scale (~1/N, 1e-3 at 196 patches) while Adam moves a parameter by ~lr
+    per step, so at the gates' lr they swing past every score within a few steps and saturate.
     The initial `lr` of each group is lr * lr_scale; `apply_lr` overwrites it every step.
     """
     if lr < 0 or weight_decay < 0 or backbone_lr_scale < 0 or backbone_frozen_until < 0:
@@ -61,10 +65,13 @@ def param_groups(
     gate_wd = weight_decay if gate_weight_decay is None else gate_weight_decay
     if gate_wd < 0:
         raise ValueError(f"gate_weight_decay must be >= 0, got {gate_wd}")
+    if threshold_lr_scale < 0:
+        raise ValueError(f"threshold_lr_scale must be >= 0, got {threshold_lr_scale}")
     listed = _no_decay_names(student)
     spec = {
         "gate_decay": (1.0, 0, gate_wd),
         "gate_no_decay": (1.0, 0, 0.0),
+        "gate_threshold": (threshold_lr_scale, 0, 0.0),
         "backbone_decay": (backbone_lr_scale, backbone_frozen_until, weight_decay),
         "backbone_no_decay": (backbone_lr_scale, backbone_frozen_until, 0.0),
     }
@@ -73,6 +80,9 @@ def param_groups(
         if not param.requires_grad:
             continue
         part = "gate" if name.startswith(GATE_PREFIX) else "backbone"
+        if part == "gate" and name.endswith(".threshold"):
+            members["gate_threshold"].append(param)
+            continue
         kind = "no_decay" if is_no_decay(name, param, listed) else "decay"
         members[f"{part}_{kind}"].append(param)
     return [
@@ -92,10 +102,11 @@ def build_optimizer(
     backbone_lr_scale: float = 0.01,
     backbone_frozen_until: int = 0,
     gate_weight_decay: float | None = None,
+    threshold_lr_scale: float = 1.0,
 ) -> torch.optim.AdamW:
     """torch AdamW (default foreach implementation) over param_groups(student, ...)."""
     groups = param_groups(
-        student, lr, weight_decay, backbone_lr_scale, backbone_frozen_until, gate_weight_decay
+        student, lr, weight_decay, backbone_lr_scale, backbone_frozen_until, gate_weight_decay, threshold_lr_scale
     )
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 

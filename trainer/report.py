@@ -97,6 +97,8 @@ def plot_curves(runs: dict[str, str], path: str) -> None:
     fig, (ax_loss, ax_keep) = plt.subplots(1, 2, figsize=(11, 4))
     for name, run_dir in runs.items():
         rows = read_metrics(run_dir)
+        if not rows:  # a run shorter than log.every steps logged nothing to plot
+            continue
         steps = [r["step"] for r in rows]
         ax_loss.plot(steps, [r["loss"] for r in rows], label=name)
         for key in sorted(k for k in rows[-1] if k.startswith("keep_ratio/")):

@@ -182,7 +182,8 @@ def train(cfg: Config) -> dict:
     schedule = LRSchedule(base_lr, steps, min(warmup, steps), min(cfg.optim.min_lr, base_lr))
     optimizer = build_optimizer(student, base_lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), cfg.optim.eps,
                                 cfg.optim.backbone_lr_scale, int(cfg.optim.backbone_frozen_fraction * steps),
-                                gate_weight_decay=cfg.optim.gate_weight_decay)
+                                gate_weight_decay=cfg.optim.gate_weight_decay,
+                                threshold_lr_scale=cfg.optim.threshold_lr_scale)
     torn = [os.path.basename(p) for p in ckpt.incomplete_checkpoints(ckpt_root)] if cfg.ckpt.resume != "none" else []
     resume_from = resolve_resume(cfg, ckpt_root)
     if cfg.prune.gate == "asvit" and not resume_from:
