@@ -4,6 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# DeepSpeed's JIT-built CPU ops live with the venv (tests/launch.py uses the same folder), so setup builds
+# them once for the demo and the tests alike, and another checkout's venv cannot invalidate them.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup demo test test-fast lint bench-data clean
 
