@@ -50,3 +50,13 @@ def make_shards(out_dir: str, shard_sizes: list[int], num_classes: int = 4, pref
                             "cls": (k + i) % num_classes} for i in range(n)])
         paths.append(path)
     return paths
+
+
+class CreatesFile:
+    """A pickle payload: unpickling it creates `path` (what a malicious file would do instead)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

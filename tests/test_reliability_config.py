@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 
-from tests.helpers import make_shards
+from tests.helpers import CreatesFile, make_shards
 from tests.launch import REPO, SMOKE, free_port
 from trainer.config import ConfigError, load_config, validate
 
@@ -27,16 +27,6 @@ class RunMeta:
 
     def __init__(self, note: str):
         self.note = note
-
-
-class _CreatesFile:
-    """A pickle payload: unpickling it creates `path` (what a malicious file would do instead)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def _tiny_vit_state(**overrides) -> dict[str, torch.Tensor]:
@@ -66,7 +56,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     torch.save({"model": _tiny_vit_state(), "meta": RunMeta("trained on a cluster")}, out["custom_weights"])
     out["marker"] = str(root / "payload_ran")
     out["payload_weights"] = str(root / "payload.pth")
-    torch.save({"model": _tiny_vit_state(), "x": _CreatesFile(out["marker"])}, out["payload_weights"])
+    torch.save({"model": _tiny_vit_state(), "x": CreatesFile(out["marker"])}, out["payload_weights"])
     return out
 
 

@@ -33,7 +33,7 @@ from data import (
     resolve_split,
     train_transform,
 )
-from tests.helpers import jpeg_bytes, write_shard
+from tests.helpers import CreatesFile, jpeg_bytes, write_shard
 from tests.launch import run_training, trainer_states
 
 AUG = AugmentConfig()
@@ -46,16 +46,6 @@ class Planted:
 
     def __init__(self, note: str):
         self.note = note
-
-
-class _CreatesFile:
-    """A pickle payload: unpickling it creates `path`."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def _good(key: str, seed: int, label: int, variant: int = 0) -> dict:
@@ -79,7 +69,7 @@ def _bad_samples(prefix: str) -> list[dict]:
 
 def _with_payload(samples: list[dict], marker: str) -> list[dict]:
     """Every sample also carries `.pyd` and `.pickle` fields that would create `marker` if unpickled."""
-    payload = pickle.dumps(_CreatesFile(marker))
+    payload = pickle.dumps(CreatesFile(marker))
     return [{**s, "pyd": payload, "pickle": payload} for s in samples]
 
 
