@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade "pip>=24" "setuptools>=68" wheel
 	$(PIP) install -q "torch>=2.4,<2.16" "torchvision>=0.19,<0.30"
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
-	# DeepSpeed JIT-compiles its CPU shared-memory collective on first use (~2 min, cached under
-	# ~/.cache/torch_extensions): do it here, once, not inside the first training run.
+	# DeepSpeed JIT-compiles its CPU shared-memory collective on first use (~2 min, cached in
+	# TORCH_EXTENSIONS_DIR above): do it here, once, not inside the first training run.
 	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()" >/dev/null
 	touch $(STAMP)
 

@@ -460,7 +460,8 @@ def test_ranks_that_resolved_different_shards_notice_before_training(tmp_path):
     script.write_text(
         "import sys, torch.distributed as tdist\nfrom trainer import dist\ntdist.init_process_group('gloo')\n"
         "r = tdist.get_rank()\nplans = sys.argv[1:]\n"
-        "print(f'rank{r} same={dist.same_on_all_ranks(plans[0])} differ={dist.same_on_all_ranks(plans[r])}')\n")
+        "print(f'rank{r} same={dist.same_on_all_ranks(plans[0])} differ={dist.same_on_all_ranks(plans[r])}')\n"
+        "dist.shutdown()\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), str(script), before.fingerprint(), after.fingerprint()],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"},

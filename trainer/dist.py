@@ -56,6 +56,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Destroy the process group at the end of a successful run (a no-op in one process).
+
+    Without it, gloo's worker threads still hold work objects when the interpreter finalizes and a rank
+    can die with SIGABRT ("terminate called without an active exception") after training finished.
+    Called on success only: a rank that failed must not enter a collective teardown its peers may never
+    reach (the torchtitan convention).
+    """
+    if is_dist():
+        dist.destroy_process_group()
+
+
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (sum, max or min) of a tensor; identity in one process."""
     if is_dist():

@@ -397,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
     summary = train(cfg)
+    dist.shutdown()
     top1 = summary.get("student_top1")
     dist.print0(f"done: {summary['steps']} steps in {summary['wall_seconds']} s"
                 + (f", student top-1 {top1:.2f}" if top1 is not None and math.isfinite(top1) else ""))
