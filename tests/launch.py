@@ -6,20 +6,14 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+
+from trainer.dist import free_port  # noqa: F401  (re-exported: tests import it from here)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "trainer", "configs", "smoke.yaml")
 BIN = os.path.dirname(sys.executable)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_command(launcher: str, nproc: int, port: int) -> list[str]:

@@ -459,13 +459,14 @@ def test_ranks_that_resolved_different_shards_notice_before_training(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(
         "import sys, torch.distributed as tdist\nfrom trainer import dist\ntdist.init_process_group('gloo')\n"
-        "r = tdist.get_rank()\nplans = sys.argv[1:]\n"
-        "print(f'rank{r} same={dist.same_on_all_ranks(plans[0])} differ={dist.same_on_all_ranks(plans[r])}')\n"
+        "r = tdist.get_rank()\nout, plans = sys.argv[1], sys.argv[2:]\n"
+        "line = f'same={dist.same_on_all_ranks(plans[0])} differ={dist.same_on_all_ranks(plans[r])}'\n"
+        "open(f'{out}/rank{r}.txt', 'w').write(line)\n"  # one file per rank: lines on a shared pipe can interleave
         "dist.shutdown()\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(script), before.fingerprint(), after.fingerprint()],
+                           str(free_port()), str(script), str(tmp_path), before.fingerprint(), after.fingerprint()],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
-        "rank0 same=True differ=False", "rank1 same=True differ=False"]
+    for r in range(2):
+        assert (tmp_path / f"rank{r}.txt").read_text() == "same=True differ=False", f"rank {r}"

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from trainer.dist import free_port
 from trainer.report import GOALS, measure_models, write_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,12 +40,6 @@ STUDENT_CONFIG = os.path.join(REPO, "trainer", "configs", "demo.yaml")
 
 class DemoError(RuntimeError):
     """A demo stage failed; the message names the stage and its command."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(stage: str, cmd: list[str], capture: bool = False) -> str:
@@ -76,7 +70,7 @@ def train_teacher(out: str, shards: str, procs: int, epochs: float) -> str:
     """Dense teacher through Accelerate (gloo ranks on CPU); returns its exported weights file."""
     run_dir = os.path.join(out, "teacher")
     launcher = [_bin("accelerate"), "launch", "--num_machines", "1", "--num_processes", str(procs),
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     # --multi_gpu picks Accelerate's torchrun-based launcher, which on a CPU machine runs gloo ranks;
     # --cpu would run a single process.
     if procs > 1:
@@ -92,7 +86,7 @@ def train_student(out: str, name: str, gate: str, shards: str, teacher: str, pro
     """A pruned student from the teacher's weights, distilled by it, through launch.sh (DeepSpeed ZeRO-2)."""
     run_dir = os.path.join(out, name)
     cmd = ["bash", os.path.join(REPO, "launch.sh"), "--num_nodes", "1", "--num_gpus", str(procs),
-           "--master_port", str(_free_port()), "--config", STUDENT_CONFIG]
+           "--master_port", str(free_port()), "--config", STUDENT_CONFIG]
     _run(f"{name} student: launch.sh (DeepSpeed ZeRO-2, {procs} ranks)", cmd + _sets({
         "prune.gate": gate, "model.checkpoint": teacher, "teacher.checkpoint": teacher, "data.train": shards,
         "data.val": shards, "run.dir": run_dir, "run.name": name, "train.epochs": epochs}))
