@@ -59,7 +59,9 @@ bench train_step_dynamicvit train-step --arch "$ARCH" --img-size "$IMG" --gate d
 
 echo "== synthetic JPEG shards ($IMAGES images)"
 $PY -c "from data.bench import make_synthetic_folder; make_synthetic_folder('$SCRATCH/jpeg', $IMAGES)"
-$PY -m data.convert "$SCRATCH/jpeg" "$SCRATCH/shards" --val-fraction 0 --workers "$WORKERS" >/dev/null
+# at least two shards per loader worker (the stream plan needs one per worker; ImageNet has 1281)
+$PY -m data.convert "$SCRATCH/jpeg" "$SCRATCH/shards" --workers "$WORKERS" \
+  --shard-size $(( (IMAGES + 2 * WORKERS - 1) / (2 * WORKERS) )) >/dev/null
 bench data data --data "$SCRATCH/jpeg" --shards "$SCRATCH/shards" --img-size "$IMG" --workers "$WORKERS" \
   --batch-size "$TRAIN_BATCH"
 
@@ -73,9 +75,9 @@ $PY -m torch.distributed.run --nproc_per_node 1 -m trainer.train \
   --set data.batch_size="$TRAIN_BATCH" --set data.workers="$WORKERS" --set data.shuffle_buffer=256 \
   --set train.steps="$STEPS" --set log.every=10 --set log.tensorboard=false --set log.progress=lines \
   --set ckpt.every=0 --set precision="$DTYPE" --set run.dir="$SCRATCH/loop" 2>&1 | tail -20 | tee "$OUT/loop.txt"
-$PY - "$SCRATCH/loop" "$OUT/train_loop_zero2.json" "$TRAIN_BATCH" <<'EOF'
+$PY - "$SCRATCH/loop" "$OUT/train_loop_zero2.json" "$TRAIN_BATCH" "$OUT/train_step_dynamicvit.json" <<'EOF'
 import json, sys
-run, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+run, out, batch, step_bench = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.load(open(sys.argv[4]))
 rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
 train = [r for r in rows if "img_per_s" in r]
 steady = train[1:] or train  # the first window holds start-up (compilation, loader warm-up)
@@ -83,6 +85,12 @@ result = {"batch_size": batch, "windows": len(train),
           "img_per_s": round(sum(r["img_per_s"] for r in steady) / len(steady), 2),
           "data_wait_fraction": round(sum(r["data_wait_fraction"] for r in steady) / len(steady), 4),
           "summary": json.load(open(f"{run}/summary.json"))}
+# Model FLOPs per image (gated student fwd+bwd + teacher fwd) come from the train-step bench of the same
+# model; the loop's MFU is its img/s at those FLOPs over the same peak.
+tflop_per_img = step_bench["step_tflop_per_s"] / step_bench["step_img_s"]
+result["tflop_per_s"] = round(result["img_per_s"] * tflop_per_img, 3)
+if "mfu" in step_bench:
+    result["mfu"] = round(step_bench["mfu"] * result["tflop_per_s"] / step_bench["step_tflop_per_s"], 4)
 json.dump(result, open(out, "w"))
 print(json.dumps(result))
 EOF
