@@ -40,9 +40,10 @@ def launcher_world_size() -> int | None:
     return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
 
 
-def checked_config(argv: Sequence[str] | None, world_size: int) -> Config:
-    """Load and fully validate (ConfigError otherwise); remembered per (argv, world size), so the early
-    check and `trainer.train.main` do the work, and read the weight files, once."""
+def checked_config(argv: Sequence[str] | None, world_size: int | None) -> Config:
+    """Load and fully validate (ConfigError otherwise), cheap checks first; remembered per (argv, world
+    size), so the early check and `trainer.train.main` do the work, and read the weight files, once.
+    world_size None: not known yet (launch.sh before the ranks exist)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     key = (*argv, world_size)
     if key not in _checked:

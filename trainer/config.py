@@ -447,16 +447,19 @@ def _validate_model_shape(cfg: Config, check_files: bool = True) -> None:
     if not check_files:
         return
     # The same checks create_student/create_teacher run when loading, here before any process group starts.
-    size = {"img_size": m.img_size}  # the pos-embed shape the file must be resampled to
-    files = [("model.checkpoint", m.checkpoint, lambda: _meta_vit("model.kwargs", m.arch, m.kwargs, m.num_classes,
-                                                                  **size))]
-    if t.enabled and (t.checkpoint or m.checkpoint):
+    # (config key, file, kwargs key, arch, kwargs) per model that loads a file.
+    files = [("model.checkpoint", m.checkpoint, "model.kwargs", m.arch, m.kwargs)]
+    if t.enabled:
         files.append(("teacher.checkpoint" if t.checkpoint else "model.checkpoint", t.checkpoint or m.checkpoint,
-                      lambda: _meta_vit("teacher.kwargs", t.arch or m.arch, t.kwargs or m.kwargs, m.num_classes,
-                                        **size)))
-    for key, path, model in files:
-        if path:
-            _check_weights_file(key, path, model(), cfg.ckpt.allow_pickle)
+                      "teacher.kwargs", t.arch or m.arch, t.kwargs or m.kwargs))
+    checked: list[tuple] = []
+    for key, path, kwargs_key, arch, kwargs in files:
+        # By default the teacher is the student's model from the student's file: read that file once.
+        if path and (path, arch, kwargs) not in checked:
+            checked.append((path, arch, kwargs))
+            # img_size: the pos-embed shape the file must be resampled to
+            vit = _meta_vit(kwargs_key, arch, kwargs, m.num_classes, img_size=m.img_size)
+            _check_weights_file(key, path, vit, cfg.ckpt.allow_pickle)
 
 
 def _check_weights_file(key: str, path: str, vit: Any, allow_pickle: bool) -> None:

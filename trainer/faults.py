@@ -23,7 +23,7 @@ Negative controls for the exact-resume test: resume without restoring the data p
 per-step RNG restarted from the seed as if never saved. Both must make that test fail.
 
 While PRUNEVIT_FAULT is set the trainer also logs `debug/param_sum/rank<r>` every log step (see
-`param_fingerprint`), so tests can see that a skipped step left the parameters untouched.
+`trainer.train.debug_param_sums`), so tests can see that a skipped step left the parameters untouched.
 """
 
 from __future__ import annotations
@@ -134,8 +134,3 @@ def forget(what: str) -> bool:
     """Negative-control switch: resume without restoring `data` or `rng` (PRUNEVIT_DEBUG_RESUME)."""
     return os.environ.get(RESUME_ENV, "") == f"forget_{what}"
 
-
-def param_fingerprint(module: torch.nn.Module) -> float:
-    """fp64 sum of |p| over the parameters (call inside `Backend.gathered_parameters()` under ZeRO-3)."""
-    with torch.no_grad():
-        return float(sum(p.detach().double().abs().sum() for p in module.parameters()))

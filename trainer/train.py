@@ -220,7 +220,7 @@ def train(cfg: Config) -> dict:
     student_module = backend.module
     batches = iter(loader)
     window = defaultdict(float)
-    window_steps, data_wait, window_start = 0, 0.0, time.time()
+    data_wait, window_start = 0.0, time.time()
     last_eval: dict = {}
 
     def run_eval(at_step: int) -> dict:
@@ -284,7 +284,6 @@ def train(cfg: Config) -> dict:
                     window[f"keep_ratio/stage{s}"] += r
                 window["micro"] += 1
         step += 1
-        window_steps += 1
         log.advance()
         skipped = bool(result.get("skipped"))
         norm = result.get("grad_norm")
@@ -326,7 +325,7 @@ def train(cfg: Config) -> dict:
                 scalars.update(debug_param_sums(backend, rank, world))
             log.log(step, scalars)
             window.clear()
-            window_steps, data_wait, window_start = 0, 0.0, time.time()
+            data_wait, window_start = 0.0, time.time()
         if bad_in_a_row >= cfg.train.max_bad_steps:
             raise TrainingError(f"stopping at step {step}: {bad_in_a_row} consecutive non-finite steps "
                                 f"(train.max_bad_steps={cfg.train.max_bad_steps}), all skipped; last: "
@@ -372,10 +371,10 @@ def param_checksum(module: torch.nn.Module) -> float:
 
 
 def debug_param_sums(backend: Backend, rank: int, world: int) -> dict[str, float]:
-    """Every rank's `faults.param_fingerprint` (fault-injection runs only): equal replicas, untouched skips."""
+    """Every rank's full-parameter `param_checksum` (fault-injection runs only): equal replicas, untouched skips."""
     sums = torch.zeros(world, dtype=torch.float64)
     with backend.gathered_parameters():
-        sums[rank] = faults.param_fingerprint(backend.module)
+        sums[rank] = param_checksum(backend.module)
     return {f"debug/param_sum/rank{r}": v for r, v in enumerate(dist.all_reduce(sums).tolist())}
 
 
