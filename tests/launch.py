@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
+
+import psutil
 
 from trainer.dist import free_port  # noqa: F401  (re-exported: tests import it from here)
 
@@ -58,23 +59,14 @@ def start_training(launcher: str, nproc: int, overrides: list[str], config: str 
 
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants (launcher, ranks, data workers): kill -9 of a whole job."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    todo, tree = [pid], []
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]  # listed before any is killed: no orphan escapes
+    except psutil.NoSuchProcess:
+        return
     for p in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 def run_training(launcher: str, nproc: int, overrides: list[str], timeout: int = 300,

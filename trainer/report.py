@@ -144,7 +144,7 @@ def measure_models(runs: dict[str, str], shards_dir: str, out_dir: str, batch_si
     x = normalize(images)
     fns = {name: (lambda m=model: m(x)) for name, (model, _) in models.items()}
     wall, _ = time_alternating(fns, x.device, warmup=2, iters=iters)
-    out: dict = {"batch_size": int(x.shape[0]), "threads": torch.get_num_threads(), "models": {}}
+    out: dict = {"batch_size": int(x.shape[0]), "threads": torch.get_num_threads(), "iters": iters, "models": {}}
     for name, seconds in wall.items():
         out["models"][name] = {"cpu_img_s": x.shape[0] / seconds}
     base = wall.get("teacher")
@@ -221,8 +221,9 @@ def write_report(summary: dict, path: str) -> None:
         lines.append(f"| {name} | {launchers[name]} | {e['student_top1']:.2f} | {e['student_top5']:.2f} | "
                      f"{e['student_gmacs'] * 1e3:.1f} | {keep} | {m['cpu_img_s']:.0f} | "
                      f"{m.get('speedup_vs_teacher', 1.0):.2f}x | {prec} |")
-    lines += ["", f"CPU img/s: batch {summary['measured']['batch_size']}, {summary['measured']['threads']} "
-              "threads, the three models timed alternately in one process (median of 7).", "", "## Goals", ""]
+    timing = summary["measured"]
+    lines += ["", f"CPU img/s: batch {timing['batch_size']}, {timing['threads']} threads, the three models timed "
+              f"alternately in one process (median of {timing['iters']}).", "", "## Goals", ""]
     for name, goal in summary["goals"].items():
         lines.append(f"- **{'met' if goal['met'] else 'MISSED'}**: {name}: {goal['text']}")
     lines += ["", "## Figures", "", f"![loss and keep-ratio curves]({summary['measured']['curves_png']})", ""]
