@@ -77,9 +77,9 @@ $PY -m torch.distributed.run --nproc_per_node 1 -m trainer.train \
   --set ckpt.every=0 --set precision="$DTYPE" --set run.dir="$SCRATCH/loop" 2>&1 | tail -20 | tee "$OUT/loop.txt"
 $PY - "$SCRATCH/loop" "$OUT/train_loop_zero2.json" "$TRAIN_BATCH" "$OUT/train_step_dynamicvit.json" <<'EOF'
 import json, sys
+from trainer.report import read_metrics
 run, out, batch, step_bench = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.load(open(sys.argv[4]))
-rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
-train = [r for r in rows if "img_per_s" in r]
+train = read_metrics(run)
 steady = train[1:] or train  # the first window holds start-up (compilation, loader warm-up)
 result = {"batch_size": batch, "windows": len(train),
           "img_per_s": round(sum(r["img_per_s"] for r in steady) / len(steady), 2),
