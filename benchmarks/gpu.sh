@@ -77,7 +77,7 @@ $PY -m torch.distributed.run --nproc_per_node 1 -m trainer.train \
   --set ckpt.every=0 --set precision="$DTYPE" --set run.dir="$SCRATCH/loop" 2>&1 | tail -20 | tee "$OUT/loop.txt"
 $PY - "$SCRATCH/loop" "$OUT/train_loop_zero2.json" "$TRAIN_BATCH" "$OUT/train_step_dynamicvit.json" <<'EOF'
 import json, sys
-from trainer.report import read_metrics
+from trainer.loop.metrics import read_metrics
 run, out, batch, step_bench = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.load(open(sys.argv[4]))
 train = read_metrics(run)
 steady = train[1:] or train  # the first window holds start-up (compilation, loader warm-up)

@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "AugmentConfig": "data.transforms", "DeviceAugment": "data.transforms", "eval_transform": "data.transforms",
+    "AugmentConfig": "data.augment_config", "DeviceAugment": "data.transforms", "eval_transform": "data.transforms",
     "train_transform": "data.transforms", "DataQualityError": "data.loader", "EvalLoader": "data.loader",
     "TrainLoader": "data.loader", "skip_summary": "data.loader", "SKIP_KINDS": "data.samples",
     "Shard": "data.info", "SplitShards": "data.info", "load_info": "data.info", "resolve_split": "data.info",

@@ -35,11 +35,12 @@ from PIL import Image, ImageDraw, ImageFilter
 from timm.data import create_dataset
 from torch.utils.data import DataLoader, Dataset
 
+from data.augment_config import AugmentConfig
 from data.convert import convert, list_classes, scan_tree
 from data.info import resolve_split
 from data.loader import TrainLoader
 from data.stream import StreamPlan
-from data.transforms import AugmentConfig, train_transform
+from data.transforms import train_transform
 
 SYNTHETIC_CLASSES = 10
 # ImageNet-1k train images are mostly 500 px on the long side; these are its most common shapes.

@@ -8,7 +8,6 @@ the batch, on the training device, in `DeviceAugment`, like timm's PrefetchLoade
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageOps
@@ -16,33 +15,17 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 
+from data.augment_config import DEFAULT_CROP_PCT, AugmentConfig
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """The DeiT recipe's augmentation knobs (defaults are DeiT's)."""
-
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    interpolation: str = "bicubic"
-    scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
-    color_jitter: float = 0.4  # timm's default; timm itself turns it off when RandAugment is on (DeiT)
-    reprob: float = 0.25
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    smoothing: float = 0.1
-    crop_pct: float = 0.875
-    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
-    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+# Normalisation of the DeiT weights (timm's ImageNet constants); the knobs in AugmentConfig never change it.
+MEAN, STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 def train_transform(img_size: int, aug: AugmentConfig) -> Callable:
     """PIL image -> uint8 CHW tensor: random-resized crop, flip, RandAugment (timm)."""
-    transform = create_transform(img_size, is_training=True, scale=aug.scale, hflip=aug.hflip,
-                                 color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment,
-                                 interpolation=aug.interpolation,
-                                 mean=aug.mean, std=aug.std, use_prefetcher=True)
+    transform = create_transform(img_size, is_training=True, scale=tuple(aug.scale), hflip=aug.hflip,
+                                 color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment or None,
+                                 interpolation=aug.interpolation, mean=MEAN, std=STD, use_prefetcher=True)
     tolerate_zero_bit_posterize(transform)
     return transform
 
@@ -74,8 +57,8 @@ def tolerate_zero_bit_posterize(transform: Callable) -> int:
 
 def eval_transform(img_size: int, aug: AugmentConfig) -> Callable:
     """PIL image -> uint8 CHW tensor: resize to img_size / crop_pct, centre crop (timm)."""
-    return create_transform(img_size, is_training=False, crop_pct=aug.crop_pct,
-                            interpolation=aug.interpolation, mean=aug.mean, std=aug.std, use_prefetcher=True)
+    return create_transform(img_size, is_training=False, crop_pct=aug.crop_pct or DEFAULT_CROP_PCT,
+                            interpolation=aug.interpolation, mean=MEAN, std=STD, use_prefetcher=True)
 
 
 class DeviceAugment:
@@ -83,8 +66,8 @@ class DeviceAugment:
 
     def __init__(self, aug: AugmentConfig, num_classes: int, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
-        self.mean = torch.tensor([255 * m for m in aug.mean], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor([255 * s for s in aug.std], device=self.device).view(1, 3, 1, 1)
+        self.mean = torch.tensor([255 * m for m in MEAN], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor([255 * s for s in STD], device=self.device).view(1, 3, 1, 1)
         self.erase = (RandomErasing(aug.reprob, mode="pixel", max_count=1, device=str(self.device))
                       if aug.reprob > 0 else None)
         active = aug.mixup > 0 or aug.cutmix > 0

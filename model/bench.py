@@ -138,7 +138,7 @@ def _train_step(
         loss = F.cross_entropy(out.logits, labels)
         if out.keep_masks:
             # Stand-in for the gate losses so their backward is timed too.
-            loss = loss + sum((m.mean() - 0.5) ** 2 for m in out.keep_masks) + 0.0 * out.flops.mean()
+            loss = loss + sum((m.mean() - 0.5) ** 2 for m in out.keep_masks) + 0.0 * out.gmacs.mean()
     loss.backward()
     model.zero_grad(set_to_none=True)
 

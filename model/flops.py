@@ -1,4 +1,7 @@
-"""Analytic MACs of a timm ViT, dense or with live-token counts per stage (what the papers report).
+"""Analytic GMACs of a timm ViT, dense or with live-token counts per stage (what the papers report).
+
+Compute has one unit in this project: GMACs (multiply-accumulates / 1e9), the unit of the DynamicViT and
+AS-ViT tables, which call it "FLOPs"; `count_flops` keeps that public name and returns GMACs.
 
 Per block: (sum of its linear weights) * n + 2 * n^2 * A, with n = live tokens incl. prefix tokens
 and A the attention width; for DeiT this is the familiar 12 n C^2 + 2 n^2 C. Plus the patch embed,
@@ -16,12 +19,12 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ViTCost:
-    """Shape facts of a timm ViT that fix its MACs."""
+    """Shape facts of a timm ViT that fix its GMACs."""
 
     patch_size: tuple[int, int]
     num_prefix: int
-    patch_macs: int  # per patch: conv kernel volume x embed dim
-    head_macs: int
+    patch_linear: int  # weights applied per patch: conv kernel volume x embed dim
+    head_linear: int  # weights of the classifier head(s), applied once per image
     block_linear: tuple[int, ...]  # per token, per block
     block_attn_dim: tuple[int, ...]
 
@@ -32,12 +35,12 @@ def full_numel(param: torch.Tensor) -> int:
 
 
 def linear_weights(module: nn.Module) -> int:
-    """Sum of Linear/Conv2d weight sizes: the MACs per token (per patch for the patch embed)."""
+    """Sum of Linear/Conv2d weight sizes: multiply-accumulates per token (per patch for the patch embed)."""
     return sum(full_numel(m.weight) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
 def vit_cost(vit: nn.Module) -> ViTCost:
-    """Read the MAC-relevant shapes off a timm VisionTransformer."""
+    """Read the compute-relevant shapes off a timm VisionTransformer."""
     patch = vit.patch_embed.patch_size
     patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
     attn_dims = []
@@ -49,8 +52,8 @@ def vit_cost(vit: nn.Module) -> ViTCost:
     return ViTCost(
         patch_size=patch,
         num_prefix=vit.num_prefix_tokens,
-        patch_macs=linear_weights(vit.patch_embed),
-        head_macs=sum(linear_weights(h) for h in heads),
+        patch_linear=linear_weights(vit.patch_embed),
+        head_linear=sum(linear_weights(h) for h in heads),
         block_linear=tuple(linear_weights(blk) for blk in vit.blocks),
         block_attn_dim=tuple(attn_dims),
     )
@@ -62,37 +65,37 @@ def num_patches(cost: ViTCost, img_size: int | tuple[int, int]) -> int:
     return (h // cost.patch_size[0]) * (w // cost.patch_size[1])
 
 
-def block_macs(cost: ViTCost, index: int, tokens: float | torch.Tensor) -> float | torch.Tensor:
-    """MACs of block `index` on `tokens` live tokens (incl. prefix); tensors stay differentiable."""
-    return cost.block_linear[index] * tokens + 2 * tokens * tokens * cost.block_attn_dim[index]
+def block_gmacs(cost: ViTCost, index: int, tokens: float | torch.Tensor) -> float | torch.Tensor:
+    """GMACs of block `index` on `tokens` live tokens (incl. prefix); tensors stay differentiable."""
+    return (cost.block_linear[index] * tokens + 2 * tokens * tokens * cost.block_attn_dim[index]) / 1e9
 
 
-def pruned_macs(
+def pruned_gmacs(
     cost: ViTCost,
     patches: int,
     locations: list[int],
     kept: list[float | torch.Tensor],
-    gate_macs: list[float | torch.Tensor],
+    gate_gmacs: list[float | torch.Tensor],
 ) -> float | torch.Tensor:
-    """Whole-model MACs when kept[s] patch tokens live from block locations[s] on.
+    """Whole-model GMACs when kept[s] patch tokens live from block locations[s] on (gate_gmacs: the gates' own).
 
     Entries of kept may be numbers or per-sample tensors [B] (then the result is [B], and carries
     the gradient of a straight-through mask sum: the AS-ViT budget loss needs it).
     """
-    total = cost.patch_macs * patches + cost.head_macs + sum(gate_macs)
+    total = (cost.patch_linear * patches + cost.head_linear) / 1e9 + sum(gate_gmacs)
     live: float | torch.Tensor = patches
     stage = 0
     for index in range(len(cost.block_linear)):
         if stage < len(locations) and index == locations[stage]:
             live = kept[stage]
             stage += 1
-        total = total + block_macs(cost, index, live + cost.num_prefix)
+        total = total + block_gmacs(cost, index, live + cost.num_prefix)
     return total
 
 
-def dense_macs(cost: ViTCost, patches: int) -> float:
-    """MACs of the unpruned model on `patches` patch tokens."""
-    return float(pruned_macs(cost, patches, [], [], []))
+def dense_gmacs(cost: ViTCost, patches: int) -> float:
+    """GMACs of the unpruned model on `patches` patch tokens."""
+    return float(pruned_gmacs(cost, patches, [], [], []))
 
 
 def count_flops(
@@ -108,8 +111,8 @@ def count_flops(
     cost = vit_cost(vit)
     patches = num_patches(cost, img_size)
     if not hasattr(model, "gates") or not len(model.gates):
-        return dense_macs(cost, patches) / 1e9
+        return dense_gmacs(cost, patches)
     counts = list(keep_counts) if keep_counts is not None else model.eval_keep_counts(img_size)
     if len(counts) != len(model.locations):
         raise ValueError(f"keep_counts needs {len(model.locations)} entries (one per gate), got {counts}")
-    return float(model.macs(patches, counts)) / 1e9
+    return float(model.gmacs(patches, counts))

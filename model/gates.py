@@ -14,7 +14,6 @@ from torch import nn
 from model.attention import fp32_region
 from model.flops import linear_weights
 
-GATE_TYPES = ("dynamicvit", "asvit", "none")
 ASVIT_TEMPERATURE = 1e-4  # AS-ViT's sigmoid temperature: the soft mask is a near-step at theta
 ASVIT_REFERENCE_PATCHES = 196  # the AS-ViT threshold inits were tuned at 224 (14 x 14 patches)
 GUMBEL_TAU = 1.0  # DynamicViT samples hard decisions at temperature 1
@@ -35,7 +34,7 @@ class DynamicViTPredictor(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        self.macs_per_token = linear_weights(self)  # fixed now: ZeRO-3 later partitions the weights
+        self.linear_per_token = linear_weights(self)  # fixed now: ZeRO-3 later partitions the weights
 
     def forward(self, tokens: torch.Tensor, prev_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probs [B, N, 2] in fp32 for patch tokens [B, N, C]; prev_keep [B, N] weights the mean."""
@@ -56,10 +55,10 @@ class DynamicViTPredictor(nn.Module):
         with fp32_region(logits.device.type):
             return F.log_softmax(logits.float(), dim=-1)
 
-    def macs(self, live_patches: float | torch.Tensor, num_prefix: int) -> float | torch.Tensor:
+    def gmacs(self, live_patches: float | torch.Tensor, num_prefix: int) -> float | torch.Tensor:
         """Predictor cost: its linear layers on every live patch token (~1.625 C^2 MACs per token)."""
         del num_prefix  # the predictor never sees prefix tokens
-        return self.macs_per_token * live_patches
+        return self.linear_per_token * live_patches / 1e9
 
 
 def gumbel_keep(log_probs: torch.Tensor, prev_keep: torch.Tensor | None) -> torch.Tensor:
@@ -90,9 +89,9 @@ class ThresholdGate(nn.Module):
             hard = (soft > 0.5).to(soft.dtype)
             return hard - soft.detach() + soft
 
-    def macs(self, live_patches: float | torch.Tensor, num_prefix: int) -> float | torch.Tensor:
+    def gmacs(self, live_patches: float | torch.Tensor, num_prefix: int) -> float | torch.Tensor:
         """Scoring cost: the CLS attention row (q_cls . k) and the per-head context norms, 2 n A MACs."""
-        return 2 * self.attn_dim * (live_patches + num_prefix)
+        return 2 * self.attn_dim * (live_patches + num_prefix) / 1e9
 
     def keep_count(self, scores: torch.Tensor) -> int:
         """Eval keep count: tokens above theta for one image, the batch-mean count for a batch (>= 1)."""

@@ -16,10 +16,9 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from model.attention import attention_dtype, cls_attention_scores, keep_bias, run_block, tap_attention
 from model.backbone import build_vit, embed, head
-from model.checkpoint import load_checkpoint
-from model.flops import dense_macs, num_patches, pruned_macs, vit_cost
+from model.flops import dense_gmacs, num_patches, pruned_gmacs, vit_cost
+from model.gate_types import GATE_TYPES
 from model.gates import (
-    GATE_TYPES,
     DynamicViTPredictor,
     ThresholdGate,
     asvit_threshold_init,
@@ -28,6 +27,7 @@ from model.gates import (
     gumbel_keep,
     validate_locations,
 )
+from model.weights import load_weights
 
 
 class StudentOutput(NamedTuple):
@@ -40,9 +40,9 @@ class StudentOutput(NamedTuple):
     logits: torch.Tensor  # [B, K]
     tokens: torch.Tensor  # [B, N, C] final-normed patch tokens (prefix tokens excluded)
     keep_masks: list[torch.Tensor]  # per stage [B, N] float {0,1}, cumulative, straight-through
-    flops: torch.Tensor  # [B] GMACs per sample from the live token counts (differentiable)
+    gmacs: torch.Tensor  # [B] GMACs per sample from the live token counts (differentiable)
     keep_ratios: torch.Tensor  # [S] batch-mean kept fraction per stage (detached)
-    dense_flops: float = 0.0  # GMACs of the dense model at this input size (AS-ViT budget reference)
+    dense_gmacs: float = 0.0  # GMACs of the dense model at this input size (AS-ViT budget reference)
 
 
 class PrunedViT(nn.Module):
@@ -151,14 +151,14 @@ class PrunedViT(nn.Module):
             else:
                 x = self._run(blk, x, keep_full, bias)
         x = vit.norm(x)
-        dense = dense_macs(self._cost, patches) / 1e9
+        dense = dense_gmacs(self._cost, patches)
         if masks:
-            flops = self.macs(patches, [m.sum(dim=-1) for m in masks]) / 1e9
+            gmacs = self.gmacs(patches, [m.sum(dim=-1) for m in masks])
             keep_ratios = torch.stack([m.detach().mean() for m in masks])
         else:
-            flops = torch.full((batch,), dense, device=x.device)
+            gmacs = torch.full((batch,), dense, device=x.device)
             keep_ratios = torch.zeros(0, device=x.device)
-        return StudentOutput(head(vit, x, keep), x[:, prefix:], masks, flops, keep_ratios, dense)
+        return StudentOutput(head(vit, x, keep), x[:, prefix:], masks, gmacs, keep_ratios, dense)
 
     def _train_keep(
         self, stage: int, patch_tokens: torch.Tensor, keep: torch.Tensor | None, scores: torch.Tensor | None
@@ -215,12 +215,12 @@ class PrunedViT(nn.Module):
         index = top if index is None else index.gather(1, top)
         return torch.cat([x[:, :prefix], kept], dim=1), index
 
-    def macs(self, patches: int, kept: list[float | torch.Tensor]) -> float | torch.Tensor:
-        """MACs (not G) with kept[s] patch tokens after gate s, including the gates' own cost."""
+    def gmacs(self, patches: int, kept: list[float | torch.Tensor]) -> float | torch.Tensor:
+        """GMACs with kept[s] patch tokens after gate s, including the gates' own cost."""
         entering = [patches, *kept[:-1]]
         prefix = self._cost.num_prefix
-        gate_macs = [gate.macs(n, prefix) for gate, n in zip(self.gates, entering, strict=True)]
-        return pruned_macs(self._cost, patches, self.locations, list(kept), gate_macs)
+        gate_gmacs = [gate.gmacs(n, prefix) for gate, n in zip(self.gates, entering, strict=True)]
+        return pruned_gmacs(self._cost, patches, self.locations, list(kept), gate_gmacs)
 
     def eval_keep_counts(self, img_size: int | tuple[int, int]) -> list[int]:
         """Kept patch tokens per stage in eval at img_size (see model.count_flops for the rules)."""
@@ -233,12 +233,12 @@ class PrunedViT(nn.Module):
 
     def budget_keep_counts(self, patches: int) -> list[int]:
         """Counts int(N r^(s+1)) with r chosen so the model costs flops_budget x dense (bisection)."""
-        target = self.flops_budget * dense_macs(self._cost, patches)
+        target = self.flops_budget * dense_gmacs(self._cost, patches)
         counts = lambda r: [max(1, int(patches * r ** (s + 1))) for s in range(len(self.locations))]
         low, high = 0.0, 1.0
         for _ in range(40):
             mid = (low + high) / 2
-            low, high = (mid, high) if self.macs(patches, counts(mid)) < target else (low, mid)
+            low, high = (mid, high) if self.gmacs(patches, counts(mid)) < target else (low, mid)
         return counts(low)
 
     @torch.no_grad()
@@ -309,5 +309,5 @@ def create_student(
     vit = build_vit(arch, img_size=img_size, num_classes=num_classes, **timm_kwargs)
     student = PrunedViT(vit, gate=gate, keep_ratio=keep_ratio, flops_budget=flops_budget, locations=locations)
     if checkpoint is not None:
-        load_checkpoint(student, checkpoint, allow_pickle)
+        load_weights(student, checkpoint, allow_pickle)
     return student

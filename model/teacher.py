@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from model.backbone import build_vit
-from model.checkpoint import load_checkpoint
+from model.weights import load_weights
 
 
 class TeacherOutput(NamedTuple):
@@ -45,5 +45,5 @@ def create_teacher(arch: str, checkpoint: str | Path | None = None, allow_pickle
     A file that needs pickle is refused unless allow_pickle=True."""
     teacher = Teacher(build_vit(arch, **timm_kwargs))
     if checkpoint is not None:
-        load_checkpoint(teacher, checkpoint, allow_pickle)
+        load_weights(teacher, checkpoint, allow_pickle)
     return teacher

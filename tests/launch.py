@@ -10,7 +10,7 @@ import sys
 
 import psutil
 
-from trainer.dist import free_port  # noqa: F401  (re-exported: tests import it from here)
+from trainer.infra.dist import free_port  # noqa: F401  (re-exported: tests import it from here)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "trainer", "configs", "smoke.yaml")

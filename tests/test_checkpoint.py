@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer.backends.base import Backend
+from trainer.infra import checkpoint as ckpt
+from trainer.infra.backends.base import Backend
 
 
 class FileBackend(Backend):
@@ -19,6 +19,14 @@ class FileBackend(Backend):
         self.weight = torch.zeros(3)
         self.fail_on_save = fail_on_save
 
+    @classmethod
+    def from_config(cls, cfg, world_size):
+        return cls()
+
+    @staticmethod
+    def consolidated_weights(directory, allow_pickle=False):
+        return torch.load(os.path.join(directory, "weights.pt"), weights_only=True)
+
     def prepare(self, model, optimizer):
         pass
 
@@ -30,9 +38,6 @@ class FileBackend(Backend):
 
     def step(self):
         return {}
-
-    def skip_micro_batch(self):
-        pass
 
     def save(self, directory):
         if self.fail_on_save:

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from tests.helpers import make_shards
-from trainer.config import ConfigError, load_config, load_ds_config, validate
+from trainer.config import ConfigError, load_config, validate
+from trainer.infra.backends.deepspeed_config import load_ds_config
 
 TINY = ["model.arch=vit_tiny_patch16_224", "model.img_size=32", "model.num_classes=4",
         "model.kwargs={patch_size: 8, depth: 4, embed_dim: 32, num_heads: 2}", "train.steps=2"]

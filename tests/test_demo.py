@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from trainer.demo import run_demo
-from trainer.report import GOALS, STUDENTS
+from trainer.demo.pipeline import run_demo
+from trainer.demo.report import GOALS, STUDENTS
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
-from trainer.losses import (
+from trainer.loop.losses import (
     LossWeights,
     compute_losses,
     flops_budget_loss,
@@ -21,6 +21,7 @@ from trainer.losses import (
 
 B, N, C, K = 4, 20, 8, 10
 RHO = 0.7
+S = 3  # stages of the fake student
 DENSE = 4.6  # GMACs per image of the dense model
 
 
@@ -31,7 +32,7 @@ class FakeStudentOutput:
     logits: torch.Tensor
     tokens: torch.Tensor
     keep_masks: list[torch.Tensor] = field(default_factory=list)
-    flops: torch.Tensor | None = None
+    gmacs: torch.Tensor | None = None
     keep_ratios: torch.Tensor | None = None
 
 
@@ -60,8 +61,13 @@ def student(gate: str = "dynamicvit", seed: int = 0, dtype: torch.dtype = torch.
         logits=torch.randn(B, K, generator=g).to(dtype),
         tokens=torch.randn(B, N, C, generator=g).to(dtype),
         keep_masks=[m.to(dtype) for m in masks],
-        flops=torch.full((B,), gmacs, dtype=dtype),
+        gmacs=torch.full((B,), gmacs, dtype=dtype),
     )
+
+
+def rho_powers(rho: float, stages: int) -> list[float]:
+    """DynamicViT's keep targets rho^(s+1) (what PrunedViT.target_keep_ratios gives)."""
+    return [rho ** (s + 1) for s in range(stages)]
 
 
 def soft_targets(seed: int = 1) -> torch.Tensor:
@@ -86,7 +92,7 @@ def test_ce_accepts_integer_labels_as_one_hot_targets():
 def test_ratio_is_zero_when_kept_fractions_equal_rho_powers():
     # rho = 0.5 on 16 tokens: 8, 4, 2 kept are exactly rho^1, rho^2, rho^3.
     masks = masks_keeping([8, 4, 2], n=16)
-    assert keep_ratio_loss(masks, 0.5).item() == 0.0
+    assert keep_ratio_loss(masks, rho_powers(0.5, 3)).item() == 0.0
 
 
 def test_ratio_matches_dynamicvit_formula_per_sample_then_batch_then_stage_mean():
@@ -95,7 +101,7 @@ def test_ratio_matches_dynamicvit_formula_per_sample_then_batch_then_stage_mean(
     stage1 = ((0.75 - rho) ** 2 + (0.25 - rho) ** 2) / 2
     stage2 = ((0.5 - rho**2) ** 2 + (0.0 - rho**2) ** 2) / 2
     expected = (stage1 + stage2) / 2
-    assert keep_ratio_loss(masks, rho).item() == pytest.approx(expected)
+    assert keep_ratio_loss(masks, rho_powers(rho, 2)).item() == pytest.approx(expected)
 
 
 def test_kd_is_zero_when_student_equals_teacher_and_positive_otherwise():
@@ -138,8 +144,8 @@ def test_flops_is_zero_at_exact_budget_and_scale_free():
 def test_dynamicvit_with_teacher_reports_ce_ratio_kd_tok_and_weighted_total():
     out = student("dynamicvit")
     teacher = FakeTeacherOutput(torch.randn(B, K), torch.randn(B, N, C))
-    w = LossWeights(ratio=5.0, kd=0.3, tok=0.2)
-    terms = compute_losses(out, soft_targets(), teacher, w, "dynamicvit", keep_ratio=RHO)
+    w = LossWeights(w_ratio=5.0, w_kd=0.3, w_tok=0.2)
+    terms = compute_losses(out, soft_targets(), teacher, w, "dynamicvit", keep_targets=rho_powers(RHO, S))
     assert set(terms) == {"ce", "ratio", "kd", "tok", "total"}
     for name, value in terms.items():
         assert value.dtype == torch.float32 and value.ndim == 0 and torch.isfinite(value), name
@@ -160,7 +166,8 @@ def test_asvit_reports_flops_and_no_ratio_or_tok():
 
 def test_total_equals_ce_when_every_other_term_is_at_its_optimum():
     out = student("dynamicvit", counts=[10, 5])  # rho = 0.5 on 20 tokens: exactly rho^1, rho^2
-    terms = compute_losses(out, soft_targets(), teacher_like(out), gate_type="dynamicvit", keep_ratio=0.5)
+    terms = compute_losses(out, soft_targets(), teacher_like(out), gate_type="dynamicvit",
+                           keep_targets=rho_powers(0.5, 2))
     assert terms["ratio"].item() == 0.0 and terms["tok"].item() == 0.0 and abs(terms["kd"].item()) < 1e-6
     assert terms["total"].item() == pytest.approx(terms["ce"].item(), abs=1e-6)
 
@@ -168,9 +175,11 @@ def test_total_equals_ce_when_every_other_term_is_at_its_optimum():
 def test_absent_terms_when_no_teacher_no_gates_or_zero_weight():
     assert set(compute_losses(student("none"), soft_targets(), None, gate_type="none")) == {"ce", "total"}
     out = student("dynamicvit")
-    assert set(compute_losses(out, soft_targets(), None, gate_type="dynamicvit")) == {"ce", "ratio", "total"}
-    terms = compute_losses(out, soft_targets(), teacher_like(out), LossWeights(kd=0.0, tok=0.0),
-                           gate_type="dynamicvit")
+    assert set(compute_losses(out, soft_targets(), None, gate_type="dynamicvit",
+                           keep_targets=rho_powers(RHO, S))) == {"ce", "ratio", "total"}
+    terms = compute_losses(out, soft_targets(), teacher_like(out), LossWeights(w_kd=0.0, w_tok=0.0),
+                           gate_type="dynamicvit",
+                           keep_targets=rho_powers(RHO, S))
     assert set(terms) == {"ce", "ratio", "total"}
 
 
@@ -179,7 +188,8 @@ def test_terms_are_fp32_and_finite_from_bf16_and_fp16_inputs():
         out = student("dynamicvit", dtype=dtype)
         teacher = FakeTeacherOutput(torch.randn(B, K).to(dtype) * 30, torch.randn(B, N, C).to(dtype))
         out.logits = out.logits * 30  # large logits: half-precision softmax would lose the tail
-        terms = compute_losses(out, soft_targets(), teacher, gate_type="dynamicvit")
+        terms = compute_losses(out, soft_targets(), teacher, gate_type="dynamicvit",
+                           keep_targets=rho_powers(RHO, S))
         for name, value in terms.items():
             assert value.dtype == torch.float32 and torch.isfinite(value), (dtype, name)
 
@@ -191,14 +201,15 @@ def test_gradients_reach_logits_tokens_masks_and_flops():
     for m in out.keep_masks:
         m.requires_grad_(True)
     teacher = FakeTeacherOutput(torch.randn(B, K), torch.randn(B, N, C))
-    compute_losses(out, soft_targets(), teacher, gate_type="dynamicvit")["total"].backward()
+    compute_losses(out, soft_targets(), teacher, gate_type="dynamicvit",
+                           keep_targets=rho_powers(RHO, S))["total"].backward()
     assert out.logits.grad.abs().sum() > 0 and out.tokens.grad.abs().sum() > 0
     assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in out.keep_masks)
 
     out = student("asvit", gmacs=4.0)
-    out.flops.requires_grad_(True)
+    out.gmacs.requires_grad_(True)
     compute_losses(out, soft_targets(), None, gate_type="asvit", dense_gmacs=DENSE)["total"].backward()
-    assert out.flops.grad.abs().sum() > 0
+    assert out.gmacs.grad.abs().sum() > 0
 
 
 def test_teacher_outputs_from_inference_mode_are_usable():
@@ -206,25 +217,28 @@ def test_teacher_outputs_from_inference_mode_are_usable():
     out.logits.requires_grad_(True)
     with torch.inference_mode():
         teacher = FakeTeacherOutput(torch.randn(B, K), torch.randn(B, N, C))
-    compute_losses(out, soft_targets(), teacher, gate_type="dynamicvit")["total"].backward()
+    compute_losses(out, soft_targets(), teacher, gate_type="dynamicvit",
+                           keep_targets=rho_powers(RHO, S))["total"].backward()
     assert out.logits.grad is not None
 
 
 def test_invalid_weights_and_setups_fail_with_a_named_value():
     with pytest.raises(ValueError, match="kd"):
-        LossWeights(kd=-0.1)
+        LossWeights(w_kd=-0.1)
     with pytest.raises(ValueError, match="tok"):
-        LossWeights(tok=float("nan"))
+        LossWeights(w_tok=float("nan"))
     with pytest.raises(ValueError, match="kd_temperature"):
         LossWeights(kd_temperature=0.0)
     with pytest.raises(ValueError, match="dense GMACs"):
         compute_losses(student("asvit"), soft_targets(), gate_type="asvit")
     with pytest.raises(ValueError, match="keep mask"):
-        compute_losses(student("none"), soft_targets(), gate_type="dynamicvit")
+        compute_losses(student("none"), soft_targets(), gate_type="dynamicvit",
+                           keep_targets=rho_powers(RHO, S))
     out = student("dynamicvit")
     wrong_width = FakeTeacherOutput(torch.randn(B, K), torch.randn(B, N, 2 * C))
     with pytest.raises(ValueError, match="same width"):
-        compute_losses(out, soft_targets(), wrong_width, gate_type="dynamicvit")
+        compute_losses(out, soft_targets(), wrong_width, gate_type="dynamicvit",
+                           keep_targets=rho_powers(RHO, S))
 
 
 @pytest.mark.parametrize("gate", ["dynamicvit", "asvit", "none"])
@@ -239,7 +253,7 @@ def test_real_tiny_student_and_teacher_give_finite_terms_and_gate_gradients(gate
     with torch.inference_mode():
         t_out = teach(images)
     targets = torch.softmax(torch.randn(2, K), dim=-1)
-    terms = compute_losses(out, targets, t_out, LossWeights(), stud.gate_type, stud.keep_ratio,
+    terms = compute_losses(out, targets, t_out, LossWeights(), stud.gate_type, stud.target_keep_ratios,
                            stud.flops_budget, dense_gmacs=model.count_flops(teach, 32))
     expected = {"dynamicvit": {"ratio", "tok"}, "asvit": {"flops"}, "none": set()}[gate]
     assert set(terms) == {"ce", "kd", "total"} | expected

@@ -77,8 +77,8 @@ def test_training_flops_per_sample_equal_the_eval_count_for_the_same_keep_decisi
         masks.append(torch.zeros(2, 16).scatter_(1, index, 1.0))
     out = student.forward_masked(x, keep_masks=masks)
     expected = count_flops(student, 32)
-    torch.testing.assert_close(out.flops, torch.full((2,), expected), rtol=1e-6, atol=0)
-    assert out.dense_flops == pytest.approx(count_flops(student.vit, 32))
+    torch.testing.assert_close(out.gmacs, torch.full((2,), expected), rtol=1e-6, atol=0)
+    assert out.dense_gmacs == pytest.approx(count_flops(student.vit, 32))
 
 
 def test_training_flops_carry_gradient_to_the_asvit_thresholds() -> None:
@@ -88,7 +88,7 @@ def test_training_flops_carry_gradient_to_the_asvit_thresholds() -> None:
         for gate in student.gates:
             gate.threshold.fill_(1.0 / 17)
     out = student(torch.randn(8, 3, 32, 32))
-    budget_loss = (out.flops.mean() - student.flops_budget * out.dense_flops).abs()
+    budget_loss = (out.gmacs.mean() - student.flops_budget * out.dense_gmacs).abs()
     budget_loss.backward()
     assert any(g.threshold.grad.abs().item() > 0 for g in student.gates)
 

@@ -20,11 +20,11 @@ def tiny(gate: str) -> torch.nn.Module:
 def check_train_step(student: torch.nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None) -> None:
     with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         out = student(x)
-        loss = F.cross_entropy(out.logits.float(), torch.arange(x.shape[0]) % 10) + out.flops.mean()
+        loss = F.cross_entropy(out.logits.float(), torch.arange(x.shape[0]) % 10) + out.gmacs.mean()
     loss.backward()
     for mask in out.keep_masks:
         assert mask.dtype == torch.float32 and torch.all((mask == 0) | (mask == 1))
-    assert out.flops.dtype == torch.float32
+    assert out.gmacs.dtype == torch.float32
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.tokens).all() and torch.isfinite(loss)
     for name, p in student.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), name

@@ -37,7 +37,7 @@ def test_student_without_gates_equals_plain_timm(mode: str) -> None:
     if mode == "train":
         assert out.keep_masks == [] and out.keep_ratios.numel() == 0
         torch.testing.assert_close(out.tokens, student.vit.forward_features(x)[:, 1:], rtol=0, atol=0)
-        assert torch.allclose(out.flops, torch.full((3,), out.dense_flops))
+        assert torch.allclose(out.gmacs, torch.full((3,), out.dense_gmacs))
 
 
 def test_timm_kwargs_override_the_arch_and_gate_params_live_under_gates() -> None:
@@ -114,7 +114,7 @@ def test_train_masks_are_binary_and_non_increasing(gate: str) -> None:
         assert mask.shape == (4, 16) and mask.dtype == torch.float32
         assert torch.all((mask == 0) | (mask == 1))
     torch.testing.assert_close(out.keep_ratios, torch.stack([m.mean() for m in out.keep_masks]))
-    assert out.flops.shape == (4,) and torch.all(out.flops <= out.dense_flops + 1e-3)
+    assert out.gmacs.shape == (4,) and torch.all(out.gmacs <= out.dense_gmacs + 1e-3)
 
 
 def _asvit_scores(student: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

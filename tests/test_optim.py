@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from trainer.optim import LRSchedule, apply_lr, build_optimizer, group_lr, lr_at, param_groups
+from trainer.loop.optim import LRSchedule, apply_lr, build_optimizer, group_lr, lr_at, param_groups
 
 GROUP_NAMES = {"gate_decay", "gate_no_decay", "gate_threshold", "backbone_decay", "backbone_no_decay"}
 
@@ -137,7 +137,7 @@ def test_apply_lr_writes_what_it_returns_into_every_group():
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.05, backbone_frozen_until=20)
     sched = LRSchedule(base_lr=1e-3, total_steps=100, warmup_steps=5)
     for step in (0, 3, 19, 20, 25, 60, 100):
-        written = apply_lr(opt, step, sched)
+        written = apply_lr(opt.param_groups, step, sched)
         assert written == {g["name"]: g["lr"] for g in opt.param_groups}
         assert written["gate_decay"] == pytest.approx(lr_at(step, 1e-3, 5, 100))
         if step < 20:
@@ -154,7 +154,7 @@ def test_apply_lr_reaches_the_inner_optimizer_through_a_wrapper():
             return self.inner.param_groups
 
     inner = build_optimizer(FakeStudent(), lr=1e-3)
-    written = apply_lr(Wrapper(inner), 50, LRSchedule(base_lr=1e-3, total_steps=100))
+    written = apply_lr(Wrapper(inner).param_groups, 50, LRSchedule(base_lr=1e-3, total_steps=100))
     assert [g["lr"] for g in inner.param_groups] == list(written.values())
 
 
@@ -165,7 +165,7 @@ def test_frozen_backbone_does_not_move_while_gates_do():
     sched = LRSchedule(base_lr=1e-2, total_steps=10, warmup_steps=1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for step in range(3):
-        apply_lr(opt, step, sched)
+        apply_lr(opt.param_groups, step, sched)
         opt.zero_grad()
         out = model.vit(torch.randn(2, 3, 32, 32)).sum() + model.gates[0](torch.randn(2, 16)).sum()
         (out + model.gates[1].threshold).backward()

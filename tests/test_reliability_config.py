@@ -121,7 +121,7 @@ def test_the_same_files_are_accepted_when_valid_so_the_table_tests_the_cause(fil
 
 def test_weights_needing_pickle_are_refused_without_running_them_and_load_with_the_flag(files):
     from model import create_student
-    from model.checkpoint import UnsafeCheckpointError
+    from model.weights import UnsafeCheckpointError
 
     with pytest.raises(ConfigError, match=r"model\.checkpoint=.*payload\.pth.*ckpt\.allow_pickle"):
         validate(load_config(SMOKE, _overrides(files, [f"model.checkpoint={files['payload_weights']}"])))

@@ -401,8 +401,8 @@ def _resume_overrides(bad_run: dict, run_dir: str, *extra: str) -> list[str]:
 def test_resume_refuses_a_checkpoint_file_that_needs_pickle_naming_it(bad_run, tmp_path):
     """The resume stops before DeepSpeed unpickles the planted file, naming it and ckpt.allow_pickle; the
     untouched checkpoint passes the same check (the allowlist covers what DeepSpeed really writes)."""
-    from trainer.backends.deepspeed_backend import SAFE_GLOBALS
-    from trainer.safe_load import UnsafeCheckpointError, torch_files, verify_checkpoint_dir
+    from trainer.infra.backends.deepspeed_backend import SAFE_GLOBALS
+    from trainer.infra.checkpoint import UnsafeCheckpointError, torch_files, verify_checkpoint_dir
 
     (clean,) = [os.path.join(bad_run["run_dir"], "checkpoints", n)
                 for n in os.listdir(os.path.join(bad_run["run_dir"], "checkpoints")) if n.startswith("step_")]
@@ -458,7 +458,7 @@ def test_ranks_that_resolved_different_shards_notice_before_training(tmp_path):
     assert before.fingerprint() != after.fingerprint()
     script = tmp_path / "agree.py"
     script.write_text(
-        "import sys, torch.distributed as tdist\nfrom trainer import dist\ntdist.init_process_group('gloo')\n"
+        "import sys, torch.distributed as tdist\nfrom trainer.infra import dist\ntdist.init_process_group('gloo')\n"
         "r = tdist.get_rank()\nout, plans = sys.argv[1], sys.argv[2:]\n"
         "line = f'same={dist.same_on_all_ranks(plans[0])} differ={dist.same_on_all_ranks(plans[r])}'\n"
         "open(f'{out}/rank{r}.txt', 'w').write(line)\n"  # one file per rank: lines on a shared pipe can interleave

@@ -1,7 +1,7 @@
 """Guarantee 6 of the reliability issue: non-finite steps are skipped on every rank together, counted,
 logged, leave the parameters untouched, and too many in a row stop the run.
 
-Real 2-rank runs (DeepSpeed ZeRO-1/2/3 bf16, Accelerate bf16) with trainer.faults injecting, on one rank
+Real 2-rank runs (DeepSpeed ZeRO-1/2/3 bf16, Accelerate bf16) with trainer.infra.faults injecting, on one rank
 at a time where a rank is named:
 
     step 2  NaN loss on rank 1 (in the last micro-batch: with accumulation the earlier ones must go too)

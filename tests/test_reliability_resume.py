@@ -1,4 +1,4 @@
-"""Guarantees 1-3 of the reliability issue, with real 2-rank DeepSpeed runs killed by trainer.faults.
+"""Guarantees 1-3 of the reliability issue, with real 2-rank DeepSpeed runs killed by trainer.infra.faults.
 
 One uninterrupted reference run, and one run killed four times on its way to the same 12 steps
 (checkpoints every 3 steps, keep 2):
@@ -31,7 +31,7 @@ import pytest
 
 from tests.helpers import make_shards
 from tests.launch import kill_tree, read_keys, run_training, start_training, train_records, trainer_states
-from trainer import checkpoint as ckpt
+from trainer.infra import checkpoint as ckpt
 
 # The module fixture runs 7 launches; its time counts against the first test.
 pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(900)]

@@ -4,7 +4,7 @@ import pytest
 
 from data.demo import build_demo
 from model import create_student
-from trainer.report import kept_token_precision, overlay_png
+from trainer.demo.report import kept_token_precision, overlay_png
 
 
 @pytest.fixture(scope="module")

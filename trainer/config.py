@@ -1,27 +1,30 @@
 """The typed run configuration: dataclasses loaded from YAML and overridden with `--set a.b=v`.
 
 Every check that can fail runs here, before any process group or model exists, and names the key and
-the value. Defaults are the DeiT-S/224 DynamicViT recipe (DESIGN section 4).
+the value. Defaults are the DeiT-S/224 DynamicViT recipe (docs/ARCHITECTURE.md; recipes in trainer/configs).
+Choices are `Literal` types: a value outside them fails at load, naming the key and the choices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
-GATES = ("dynamicvit", "asvit", "none")
-PRECISIONS = ("bf16", "fp16", "fp32")
-BACKENDS = ("deepspeed", "accelerate")
+from data.augment_config import AugmentConfig
+from model.gate_types import GateType
+
+Precision = Literal["bf16", "fp16", "fp32"]
+BackendName = Literal["deepspeed", "accelerate"]
+Progress = Literal["auto", "bar", "lines"]
 
 
 class ConfigError(ValueError):
@@ -29,7 +32,9 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class DataConfig:
+class DataConfig(AugmentConfig):
+    """Where the shards are and how they are read; the augmentation knobs are AugmentConfig's fields."""
+
     train: str = ""
     """Train shards: a directory with `_info.json` (its `train` split) or a brace pattern of tar files."""
     val: str = ""
@@ -48,24 +53,6 @@ class DataConfig:
     """Stop the run when more than this fraction of the samples read were unusable."""
     skip_check_min_samples: int = 256
     """Samples a rank must have read before max_skip_fraction is enforced (a rate over a handful is noise)."""
-    auto_augment: str = "rand-m9-mstd0.5-inc1"
-    """timm RandAugment spec ('' disables)."""
-    scale: list = field(default_factory=lambda: [0.08, 1.0])
-    """Random-resized-crop area range (DeiT: 0.08-1; raise the floor when objects are small)."""
-    hflip: float = 0.5
-    """Horizontal-flip probability (0 for data where mirroring changes the class, e.g. digits)."""
-    color_jitter: float = 0.4
-    """Brightness/contrast/saturation jitter strength (timm's default); timm skips it when auto_augment is set."""
-    reprob: float = 0.25
-    """Random-erasing probability."""
-    mixup: float = 0.8
-    """Mixup alpha (0 disables)."""
-    cutmix: float = 1.0
-    """CutMix alpha (0 disables)."""
-    smoothing: float = 0.1
-    """Label smoothing."""
-    crop_pct: float = 0.0
-    """Eval centre-crop fraction (0 = the timm model's pretrained config)."""
     log_keys: bool = False
     """Debug: write every consumed sample key to `<run>/keys_rank<r>.txt`."""
 
@@ -100,7 +87,7 @@ class TeacherConfig:
 
 @dataclass
 class PruneConfig:
-    gate: str = "dynamicvit"
+    gate: GateType = "dynamicvit"
     """dynamicvit | asvit | none."""
     keep_ratio: float = 0.7
     """DynamicViT rho: stage s keeps rho^s of the patch tokens."""
@@ -164,7 +151,7 @@ class TrainSchedule:
 
 @dataclass
 class BackendConfig:
-    name: str = "deepspeed"
+    name: BackendName = "deepspeed"
     """deepspeed | accelerate."""
     ds_config: str = "ds_configs/zero2.json"
     """DeepSpeed JSON; fields we own are "auto" and filled from this config."""
@@ -180,7 +167,7 @@ class LogConfig:
     """Write TensorBoard events under <run>/tb."""
     token_images: int = 4
     """Eval images with kept-token overlays per eval."""
-    progress: str = "auto"
+    progress: Progress = "auto"
     """auto (tqdm on a terminal) | bar | lines."""
 
 
@@ -213,7 +200,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSchedule = field(default_factory=TrainSchedule)
     backend: BackendConfig = field(default_factory=BackendConfig)
-    precision: str = "bf16"
+    precision: Precision = "bf16"
     """bf16 | fp16 | fp32."""
     log: LogConfig = field(default_factory=LogConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
@@ -246,6 +233,9 @@ def _unknown_key(key: str, valid: list[str]) -> ConfigError:
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check `value` against the field type; ints are accepted for floats, nothing else is converted."""
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        _check(value in get_args(typ), key, value, f"must be one of {get_args(typ)}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(typ)
         if value is None and type(None) in args:
@@ -339,8 +329,40 @@ def validate(cfg: Config, world_size: int | None = 1, check_paths: bool = True, 
     Checks run cheapest first; check_model=False leaves out the ones that import torch and timm (model
     shape, checkpoint files), so `trainer.cli` can reject most bad configs in a fraction of a second.
     """
-    p, o, d, m = cfg.prune, cfg.optim, cfg.data, cfg.model
-    _check(p.gate in GATES, "prune.gate", p.gate, f"must be one of {GATES}")
+    _validate_choices(cfg)
+    _validate_prune(cfg.prune)
+    _validate_data(cfg.data)
+    _validate_optim(cfg.optim)
+    if cfg.data.global_batch_size and world_size is not None:
+        d, o = cfg.data, cfg.optim
+        _check(d.global_batch_size == d.batch_size * world_size * o.accum_steps, "data.global_batch_size",
+               d.global_batch_size,
+               f"must equal data.batch_size ({d.batch_size}) x world size ({world_size}) x optim.accum_steps "
+               f"({o.accum_steps}) = {d.batch_size * world_size * o.accum_steps}")
+    _validate_schedule_and_logging(cfg)
+    if cfg.teacher.enabled is False:
+        _check(cfg.prune.w_kd == 0 and cfg.prune.w_tok == 0, "teacher.enabled", False,
+               "prune.w_kd and prune.w_tok must be 0 without a teacher")
+    if cfg.backend.name == "deepspeed":
+        from trainer.infra.backends.deepspeed_config import load_ds_config
+
+        load_ds_config(cfg, world_size or 1)
+    if check_paths:
+        _validate_paths(cfg)
+    if check_model:
+        validate_model(cfg, check_paths)
+    return cfg
+
+
+def _validate_choices(cfg: Config) -> None:
+    """The Literal-typed keys, for configs built in code (loading already checks them)."""
+    for key, value, typ in (("prune.gate", cfg.prune.gate, GateType), ("precision", cfg.precision, Precision),
+                            ("backend.name", cfg.backend.name, BackendName),
+                            ("log.progress", cfg.log.progress, Progress)):
+        _check(value in get_args(typ), key, value, f"must be one of {get_args(typ)}")
+
+
+def _validate_prune(p: PruneConfig) -> None:
     _check(_finite(p.keep_ratio) and 0 < p.keep_ratio <= 1, "prune.keep_ratio", p.keep_ratio, "must be in (0, 1]")
     _check(_finite(p.flops_budget) and 0 < p.flops_budget <= 1, "prune.flops_budget", p.flops_budget,
            "must be in (0, 1]")
@@ -353,8 +375,9 @@ def validate(cfg: Config, world_size: int | None = 1, check_paths: bool = True, 
            "must be non-negative block indices")
     _check(list(p.locations) == sorted(set(p.locations)), "prune.locations", p.locations,
            "must be strictly increasing")
-    _check(cfg.precision in PRECISIONS, "precision", cfg.precision, f"must be one of {PRECISIONS}")
-    _check(cfg.backend.name in BACKENDS, "backend.name", cfg.backend.name, f"must be one of {BACKENDS}")
+
+
+def _validate_data(d: DataConfig) -> None:
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     _check(d.eval_batch_size >= 0, "data.eval_batch_size", d.eval_batch_size, "must be >= 0")
     _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
@@ -364,34 +387,34 @@ def validate(cfg: Config, world_size: int | None = 1, check_paths: bool = True, 
     _check(d.skip_check_min_samples >= 0, "data.skip_check_min_samples", d.skip_check_min_samples, "must be >= 0")
     _check(len(d.scale) == 2 and all(_finite(v) for v in d.scale) and 0 < d.scale[0] <= d.scale[1] <= 1,
            "data.scale", d.scale, "must be [min, max] with 0 < min <= max <= 1")
-    _check(_finite(d.hflip) and 0 <= d.hflip <= 1, "data.hflip", d.hflip, "must be in [0, 1]")
+    for name in ("hflip", "mixup_prob", "mixup_switch_prob"):
+        v = getattr(d, name)
+        _check(_finite(v) and 0 <= v <= 1, f"data.{name}", v, "must be in [0, 1]")
     _check(_finite(d.color_jitter) and d.color_jitter >= 0, "data.color_jitter", d.color_jitter, "must be >= 0")
     for name in ("reprob", "smoothing"):
         v = getattr(d, name)
         _check(_finite(v) and 0 <= v < 1, f"data.{name}", v, "must be in [0, 1)")
     _check(_finite(d.mixup) and d.mixup >= 0 and _finite(d.cutmix) and d.cutmix >= 0, "data.mixup/cutmix",
            (d.mixup, d.cutmix), "alphas must be >= 0")
+    _check(_finite(d.crop_pct) and 0 <= d.crop_pct <= 1, "data.crop_pct", d.crop_pct, "must be in [0, 1]")
+
+
+def _validate_optim(o: OptimConfig) -> None:
     _check(o.accum_steps >= 1, "optim.accum_steps", o.accum_steps, "must be >= 1")
-    if d.global_batch_size and world_size is not None:
-        _check(d.global_batch_size == d.batch_size * world_size * o.accum_steps, "data.global_batch_size",
-               d.global_batch_size,
-               f"must equal data.batch_size ({d.batch_size}) x world size ({world_size}) x optim.accum_steps "
-               f"({o.accum_steps}) = {d.batch_size * world_size * o.accum_steps}")
     _check(_finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(_finite(o.min_lr) and 0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, "must be in [0, optim.lr]")
-    _check(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    _check(_finite(o.gate_weight_decay) and o.gate_weight_decay >= 0, "optim.gate_weight_decay",
-           o.gate_weight_decay, "must be >= 0")
-    _check(_finite(o.backbone_lr_scale) and o.backbone_lr_scale >= 0, "optim.backbone_lr_scale",
-           o.backbone_lr_scale, "must be >= 0")
-    _check(_finite(o.threshold_lr_scale) and o.threshold_lr_scale >= 0, "optim.threshold_lr_scale",
-           o.threshold_lr_scale, "must be >= 0")
+    for name in ("weight_decay", "gate_weight_decay", "backbone_lr_scale", "threshold_lr_scale"):
+        v = getattr(o, name)
+        _check(_finite(v) and v >= 0, f"optim.{name}", v, "must be >= 0")
     _check(_finite(o.backbone_frozen_fraction) and 0 <= o.backbone_frozen_fraction < 1,
            "optim.backbone_frozen_fraction", o.backbone_frozen_fraction, "must be in [0, 1)")
     _check(_finite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
     _check(len(o.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
            "must be two numbers in [0, 1)")
-    t = cfg.train
+
+
+def _validate_schedule_and_logging(cfg: Config) -> None:
+    t, m = cfg.train, cfg.model
     _check(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
     _check(_finite(t.epochs) and t.epochs >= 0, "train.epochs", t.epochs, "must be >= 0")
     _check(t.steps > 0 or t.epochs > 0, "train.steps", t.steps, "set train.steps or train.epochs")
@@ -401,20 +424,8 @@ def validate(cfg: Config, world_size: int | None = 1, check_paths: bool = True, 
     _check(_finite(m.drop_path) and 0 <= m.drop_path < 1, "model.drop_path", m.drop_path, "must be in [0, 1)")
     _check(cfg.log.every >= 1, "log.every", cfg.log.every, "must be >= 1")
     _check(cfg.log.eval_every >= 0, "log.eval_every", cfg.log.eval_every, "must be >= 0")
-    _check(cfg.log.progress in ("auto", "bar", "lines"), "log.progress", cfg.log.progress,
-           "must be auto, bar or lines")
     _check(cfg.ckpt.every >= 0, "ckpt.every", cfg.ckpt.every, "must be >= 0")
     _check(cfg.ckpt.keep >= 1, "ckpt.keep", cfg.ckpt.keep, "must be >= 1")
-    if cfg.teacher.enabled is False:
-        _check(p.w_kd == 0 and p.w_tok == 0, "teacher.enabled", False,
-               "prune.w_kd and prune.w_tok must be 0 without a teacher")
-    if cfg.backend.name == "deepspeed":
-        load_ds_config(cfg, world_size or 1)
-    if check_paths:
-        _validate_paths(cfg)
-    if check_model:
-        _validate_model_shape(cfg, check_paths)
-    return cfg
 
 
 def _meta_vit(key: str, arch: str, kwargs: dict, num_classes: int, **size: int):
@@ -429,7 +440,7 @@ def _meta_vit(key: str, arch: str, kwargs: dict, num_classes: int, **size: int):
             raise ConfigError(f"{key}={kwargs!r}: rejected by timm ({e})") from e
 
 
-def _validate_model_shape(cfg: Config, check_files: bool = True) -> None:
+def validate_model(cfg: Config, check_files: bool = True) -> None:
     """Resolution vs patch size, gate locations vs depth, and whether the weight files fit the models."""
     import timm
 
@@ -463,10 +474,10 @@ def _validate_model_shape(cfg: Config, check_files: bool = True) -> None:
 
 
 def _check_weights_file(key: str, path: str, vit: Any, allow_pickle: bool) -> None:
-    from model.checkpoint import UnsafeCheckpointError, check_vit_checkpoint
+    from model.weights import UnsafeCheckpointError, check_weights
 
     try:
-        check_vit_checkpoint(vit, path, allow_pickle)
+        check_weights(vit, path, allow_pickle)
     except UnsafeCheckpointError as e:
         raise ConfigError(f"{key}={path!r}: {e}") from None
     except (ValueError, RuntimeError, OSError) as e:  # wrong keys/shapes, or not a weights file at all
@@ -486,58 +497,3 @@ def _validate_paths(cfg: Config) -> None:
             raise ConfigError(f"{key}={spec!r}: {e}") from e
     for key, path in (("model.checkpoint", cfg.model.checkpoint), ("teacher.checkpoint", cfg.teacher.checkpoint)):
         _check(not path or os.path.isfile(path), key, path, "file not found")
-
-
-# ---------------------------------------------------------------------------------------------------
-# DeepSpeed JSON: we own batch, accumulation, clipping and precision; the file says "auto" for them.
-
-
-def _fill(ds: dict, path: tuple[str, ...], value: Any, file: str) -> None:
-    node = ds
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-    key = ".".join(path)
-    current = node.get(path[-1], "auto")
-    if current == "auto":
-        node[path[-1]] = value
-    elif current != value:
-        raise ConfigError(f"{file}: '{key}' is {current!r} but the run config gives {value!r}; "
-                          f"set it to \"auto\" (the trainer fills it) or make them agree")
-
-
-def load_ds_config(cfg: Config, world_size: int) -> dict:
-    """Read backend.ds_config and fill its "auto" fields from our config; conflicts are errors."""
-    path = cfg.backend.ds_config
-    if not os.path.isfile(path):
-        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
-        if not os.path.isfile(here):
-            known = sorted(os.listdir(os.path.dirname(here))) if os.path.isdir(os.path.dirname(here)) else []
-            raise ConfigError(f"backend.ds_config={path!r}: file not found (shipped: {known})")
-        path = here
-    try:
-        with open(path) as f:
-            ds = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"backend.ds_config={path!r}: invalid JSON ({e})") from e
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    _check(stage in (0, 1, 2, 3), f"{path}: zero_optimization.stage", stage, "must be 0, 1, 2 or 3")
-    micro, accum = cfg.data.batch_size, cfg.optim.accum_steps
-    _fill(ds, ("train_micro_batch_size_per_gpu",), micro, path)
-    _fill(ds, ("gradient_accumulation_steps",), accum, path)
-    _fill(ds, ("train_batch_size",), micro * accum * world_size, path)
-    _fill(ds, ("gradient_clipping",), float(cfg.optim.grad_clip), path)
-    _fill(ds, ("bf16", "enabled"), cfg.precision == "bf16", path)
-    _fill(ds, ("fp16", "enabled"), cfg.precision == "fp16", path)
-    leftover = [k for k, v in _walk(ds) if v == "auto"]
-    if leftover:
-        raise ConfigError(f"{path}: no value for \"auto\" field(s) {leftover}; the trainer fills only batch, "
-                          f"accumulation, clipping and precision")
-    return ds
-
-
-def _walk(node: dict, prefix: str = ""):
-    for k, v in node.items():
-        if isinstance(v, dict):
-            yield from _walk(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v

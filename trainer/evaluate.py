@@ -3,7 +3,8 @@
     python -m trainer.evaluate --checkpoint runs/x [--data DIR] [--batch-size B] [--config FILE]
 
 --checkpoint is a run dir, a checkpoint dir, or an exported .safetensors file; the model config comes
-from the run's config.yaml (or --config for a bare file). Prints one JSON object.
+from the run's config.yaml (or --config for a bare file). Prints one JSON object. A command-line leaf:
+the student comes from `trainer.loop.build.build_student`, the metrics from `trainer.loop.eval_loop`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from collections.abc import Sequence
 
 import torch
 
-from data import AugmentConfig, DeviceAugment, EvalLoader, eval_transform, resolve_split
-from model import create_student
+from data import DeviceAugment, EvalLoader, eval_transform, resolve_split
 from model.bench import time_alternating
-from trainer.config import Config, load_config
-from trainer.evaluation import evaluate
-from trainer.export import consolidated_state_dict, resolve_checkpoint
+from trainer.config import load_config
+from trainer.loop.build import build_student, resolved_augment
+from trainer.loop.eval_loop import evaluate
 
 
 def find_run_config(checkpoint: str) -> str | None:
@@ -32,20 +32,6 @@ def find_run_config(checkpoint: str) -> str | None:
         if os.path.isfile(path):
             return path
     return None
-
-
-def load_student(checkpoint: str, cfg: Config, allow_pickle: bool = False) -> torch.nn.Module:
-    """The student of `cfg` with weights from a checkpoint dir (consolidated) or an exported file; files
-    that need pickle are refused unless allow_pickle or the run's ckpt.allow_pickle."""
-    allow_pickle = allow_pickle or cfg.ckpt.allow_pickle
-    m = cfg.model
-    kwargs = dict(gate=cfg.prune.gate, keep_ratio=cfg.prune.keep_ratio, flops_budget=cfg.prune.flops_budget,
-                  locations=cfg.prune.locations or None, img_size=m.img_size, num_classes=m.num_classes, **m.kwargs)
-    if os.path.isfile(checkpoint):
-        return create_student(m.arch, checkpoint=checkpoint, allow_pickle=allow_pickle, **kwargs)
-    student = create_student(m.arch, **kwargs)
-    student.load_state_dict(consolidated_state_dict(resolve_checkpoint(checkpoint), allow_pickle), strict=True)
-    return student
 
 
 @torch.no_grad()
@@ -79,9 +65,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = args.data or cfg.data.val
     if not data:
         p.error("no eval data: pass --data")
-    student = load_student(args.checkpoint, cfg, args.allow_pickle).eval()
+    cfg.ckpt.allow_pickle = cfg.ckpt.allow_pickle or args.allow_pickle
+    student = build_student(cfg, args.checkpoint).eval()
     img = cfg.model.img_size
-    aug = AugmentConfig(crop_pct=cfg.data.crop_pct or student.vit.pretrained_cfg.get("crop_pct", 0.875))
+    aug = resolved_augment(cfg, student)
     split = resolve_split(data, args.split)
     loader = EvalLoader(split.shards, args.batch_size, 0, 1, eval_transform(img, aug), cfg.model.num_classes,
                         args.workers, image_shape=(3, img, img))

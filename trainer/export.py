@@ -4,7 +4,8 @@
     python -m trainer.export --checkpoint runs/x --out student.safetensors      # its latest checkpoint
 
 The file holds the student's state dict (`vit.*` + `gates.*`): `model.create_student(...,
-checkpoint=FILE)` loads it, and the `vit.*` part loads into a plain timm model.
+checkpoint=FILE)` loads it, and the `vit.*` part loads into a plain timm model. A command-line leaf over
+`trainer.infra.checkpoint`, which reads every checkpoint layout.
 """
 
 from __future__ import annotations
@@ -14,37 +15,9 @@ import json
 import os
 from collections.abc import Sequence
 
-import torch
 from safetensors.torch import save_file
 
-from trainer import checkpoint as ckpt
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A complete checkpoint directory from a run dir, a checkpoints dir, or a checkpoint itself."""
-    for root in (path, os.path.join(path, "checkpoints")):
-        if ckpt.is_complete(root):
-            return root
-        latest = ckpt.find_latest(root)
-        if latest:
-            return latest
-    raise FileNotFoundError(f"{path}: no complete checkpoint (directory with a {ckpt.MARKER} marker) found")
-
-
-def consolidated_state_dict(checkpoint_dir: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """fp32 student weights, using the consolidation of the backend that wrote the checkpoint; a file
-    that needs pickle is refused unless allow_pickle (see trainer.safe_load)."""
-    with open(os.path.join(checkpoint_dir, "trainer_state_rank0.json")) as f:
-        backend = json.load(f).get("backend", "deepspeed")
-    if backend == "deepspeed":
-        from trainer.backends.deepspeed_backend import consolidate_fp32
-
-        state = consolidate_fp32(checkpoint_dir, allow_pickle)
-    else:  # Accelerate keeps the weights in model.safetensors: nothing to unpickle
-        from trainer.backends.accelerate_backend import unwrap_state_dict
-
-        state = unwrap_state_dict(checkpoint_dir)
-    return {k: v.detach().float().contiguous() for k, v in state.items()}
+from trainer.infra.checkpoint import consolidated_state_dict, resolve_checkpoint
 
 
 def export(checkpoint: str, out: str, allow_pickle: bool = False) -> str:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-from trainer import dist
-from trainer.backends.base import Backend
-from trainer.safe_load import verify_checkpoint_dir
+from trainer.config import Config
+from trainer.infra import dist
+from trainer.infra.backends.base import Backend
+from trainer.infra.checkpoint import verify_checkpoint_dir
 
 try:  # the numpy types Accelerate itself allows when it loads its RNG file with weights_only=True
     from accelerate.utils.other import TORCH_SAFE_GLOBALS as SAFE_GLOBALS
@@ -37,6 +39,22 @@ class AccelerateBackend(Backend):
         self.device = self.accelerator.device
         self.grad_clip = grad_clip
         self._model = self._optimizer = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, world_size: int) -> AccelerateBackend:
+        del world_size  # Accelerate reads it from the launcher's environment
+        return cls(cfg.precision, cfg.optim.accum_steps, cfg.optim.grad_clip)
+
+    @staticmethod
+    def consolidated_weights(directory: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+        """The student's weights from an Accelerate checkpoint: model.safetensors, nothing to unpickle."""
+        from safetensors.torch import load_file
+
+        del allow_pickle  # safetensors holds tensors only
+        path = os.path.join(directory, "model.safetensors")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory}: no model.safetensors (not an Accelerate checkpoint?)")
+        return load_file(path)
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self._model, self._optimizer = self.accelerator.prepare(model, optimizer)
@@ -91,15 +109,3 @@ class AccelerateBackend(Backend):
     def loss_scale(self) -> float | None:
         scaler = self.accelerator.scaler
         return float(scaler.get_scale()) if scaler is not None else None
-
-
-def unwrap_state_dict(directory: str) -> dict[str, torch.Tensor]:
-    """The student's weights from an Accelerate checkpoint directory (model.safetensors)."""
-    import os
-
-    from safetensors.torch import load_file
-
-    path = os.path.join(directory, "model.safetensors")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory}: no model.safetensors (not an Accelerate checkpoint?)")
-    return load_file(path)

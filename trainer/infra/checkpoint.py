@@ -1,15 +1,31 @@
-"""Checkpoints that count only when complete: backend files, per-rank trainer state, then a marker.
+"""The training checkpoint on disk: the one module that writes, finds, verifies and reads it.
 
 Layout: `<run>/checkpoints/step_00000100/` holds the backend's files (DeepSpeed shards or an
 Accelerate state), `trainer_state_rank<r>.json` (step, data position, counters) from every rank, and
-`COMPLETE`, written by rank 0 last, after every rank reported its files written, with fsync and rename.
-`<run>/checkpoints/latest` names the newest complete one. A directory without the marker is never loaded.
+`COMPLETE` ({"step", "world_size"}), written by rank 0 last, after every rank reported its files
+written, with fsync and rename. `<run>/checkpoints/latest` names the newest complete one. A directory
+without the marker is never loaded.
 
 A failed write (full disk, unwritable directory) on any rank fails the save on every rank, each with
 a message naming the checkpoint, in bounded time: ranks agree on each phase through the process
-group's key-value store with a timeout (a barrier that carries errors), and a watchdog ends a rank
-that is stuck in a backend collective its failed peer will never join. The previous complete
-checkpoint is never touched by a failed save.
+group's key-value store with a timeout (`store_sync.RankSync`, a barrier that carries errors), and a
+watchdog ends a rank that is stuck in a backend collective its failed peer will never join. The
+previous complete checkpoint is never touched by a failed save.
+
+Reading is untrusted input. What the libraries do (DeepSpeed 0.19, Accelerate 1.15, checked in their source):
+- DeepSpeed loads every checkpoint file with `torch.load(weights_only=False)`: its checkpoint engine
+  (model states and ZeRO optimizer shards, every rank), the ZeRO-3 and universal-checkpoint paths, and
+  `zero_to_fp32` (our export/evaluate). A planted object would run code on every rank at resume.
+- Accelerate's `load_state` reads weights from safetensors and optimizer/scaler/RNG files through its
+  own `load()`: `weights_only=True` plus numpy types for `random_states_<r>.pkl` (a failure there is
+  only logged). Objects registered with `register_for_checkpointing` (`custom_checkpoint_<i>.pkl`) are
+  loaded with weights_only=False; we register none, so a planted one makes load_state fail, unread.
+So backends pass the directory through `verify_checkpoint_dir` before their library reads it: every
+torch-format file must load with weights_only=True, allowing only the backend's known data-only classes
+(`safe_globals`, e.g. DeepSpeed's loss scaler); otherwise the resume, export or evaluate stops with a
+message naming the file and `ckpt.allow_pickle`. Limits: a file swapped between the check and the
+library's load is not caught (that needs write access to the run directory during the run), and with
+`ckpt.allow_pickle=true` nothing is checked.
 """
 
 from __future__ import annotations
@@ -19,17 +35,24 @@ import os
 import re
 import shutil
 import sys
-import threading
-from collections.abc import Callable
-from datetime import timedelta
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
-from trainer import dist, faults
-from trainer.backends.base import Backend
+from model.weights import UnsafeCheckpointError, safe_torch_load
+from trainer.infra import dist, faults
+from trainer.infra.store_sync import RankSync
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainer.infra.backends.base import Backend
 
 MARKER = "COMPLETE"
 LATEST = "latest"
 _TAG = re.compile(r"^step_(\d+)$")
+STATE_FILE = "trainer_state_rank{rank}.json"
+# Files the libraries read with torch.load; .json, .safetensors and our markers never need pickle.
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 SAVE_TIMEOUT_S = 1800.0
 """Longest a rank waits for the others in one phase of a save (the process group's default timeout)."""
 
@@ -99,8 +122,8 @@ def save_checkpoint(backend: Backend, root: str, step: int, trainer_state: dict[
     """
     path = os.path.join(root, tag_for(step))
     me = dist.rank()
-    sync = _RankSync(f"prunevit/ckpt/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{step}", path,
-                     timeout_s) if dist.is_dist() else None
+    sync = RankSync(f"prunevit/ckpt/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{step}",
+                    f"checkpoint {path}", timeout_s) if dist.is_dist() else None
 
     def clear() -> None:
         if me == 0 and os.path.isdir(path):
@@ -111,7 +134,7 @@ def save_checkpoint(backend: Backend, root: str, step: int, trainer_state: dict[
         faults.hit("ckpt_before_model", step, path)
         backend.save(path)
         faults.hit("ckpt_between_ranks", step, path)
-        _atomic_write(os.path.join(path, f"trainer_state_rank{me}.json"), json.dumps(trainer_state))
+        _atomic_write(os.path.join(path, STATE_FILE.format(rank=me)), json.dumps(trainer_state))
 
     def seal() -> None:
         if me != 0:
@@ -129,7 +152,7 @@ def save_checkpoint(backend: Backend, root: str, step: int, trainer_state: dict[
     return path
 
 
-def _phase(sync: _RankSync | None, name: str, work: Callable[[], None], root: str, path: str) -> None:
+def _phase(sync: RankSync | None, name: str, work: Callable[[], None], root: str, path: str) -> None:
     """Run one phase of a save on this rank, then agree with the other ranks; any failure fails all."""
     error = ""
     try:
@@ -157,91 +180,9 @@ def _free_space(path: str) -> str:
         return f"free space unknown: {e}"
 
 
-class _RankSync:
-    """Per-phase agreement over the process group's key-value store, bounded by a timeout.
-
-    A store key per (phase, rank) holds "" (done) or an error message; every rank waits for all keys.
-    Unlike a barrier it carries the failed rank's message to all ranks and cannot hang forever.
-    """
-
-    def __init__(self, prefix: str, path: str, timeout_s: float):
-        from torch.distributed import distributed_c10d
-
-        self.store = distributed_c10d._get_default_store()
-        self.prefix, self.path, self.timeout_s = prefix, path, timeout_s
-        self.rank, self.world = dist.rank(), dist.world_size()
-
-    def _key(self, phase: str, rank: int) -> str:
-        return f"{self.prefix}/{phase}/{rank}"
-
-    def agree(self, phase: str, error: str) -> list[str]:
-        """Post this rank's outcome, wait for every rank's; returns the error messages (empty: all fine)."""
-        self.store.set(self._key(phase, self.rank), error)
-        keys = [self._key(phase, r) for r in range(self.world)]
-        try:
-            self.store.wait(keys, timedelta(seconds=self.timeout_s))
-        except Exception as e:  # noqa: BLE001 - a timeout or a store whose host rank is gone
-            missing = [r for r, k in enumerate(keys) if not self._check(k)]
-            return ([error] if error else []) + [
-                f"rank {self.rank}: checkpoint {self.path}: ranks {missing or '?'} did not report within "
-                f"{self.timeout_s:.0f} s ({type(e).__name__}: {e})"]
-        return [msg for k in keys if (msg := self.store.get(k).decode())]
-
-    def _check(self, key: str) -> bool:
-        try:
-            return bool(self.store.check([key]))
-        except Exception:  # noqa: BLE001
-            return False
-
-    def watchdog(self, phase: str) -> _Watchdog:
-        return _Watchdog(self, phase)
-
-
-class _Watchdog:
-    """While this rank works on a phase: if another rank reports a failure of that phase (or the phase
-    outlasts the timeout), report and end this process, which may be blocked in a collective."""
-
-    GRACE_S = 2.0  # lets a rank that is merely slower finish and report through `agree` instead
-
-    def __init__(self, sync: _RankSync, phase: str):
-        self.sync, self.phase = sync, phase
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="ckpt-watchdog", daemon=True)
-
-    def __enter__(self) -> _Watchdog:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done.set()
-        self.thread.join()
-
-    def _peer_error(self) -> str:
-        s = self.sync
-        for r in range(s.world):
-            key = s._key(self.phase, r)
-            if r != s.rank and s._check(key) and (msg := s.store.get(key).decode()):
-                return msg
-        return ""
-
-    def _run(self) -> None:
-        s, waited = self.sync, 0.0
-        while not self.done.wait(0.2):
-            waited += 0.2
-            peer = self._peer_error()
-            if peer and self.done.wait(self.GRACE_S):
-                return
-            if peer or waited > s.timeout_s:
-                why = peer or f"not done after {s.timeout_s:.0f} s"
-                msg = f"rank {s.rank}: checkpoint {s.path} abandoned while writing it ({why})"
-                print(msg, file=sys.stderr, flush=True)  # before the post: the failed rank exits on it
-                s.store.set(s._key(self.phase, s.rank), msg)
-                os._exit(1)
-
-
 def load_trainer_state(path: str, rank: int) -> dict[str, Any]:
     """This rank's trainer state from a complete checkpoint."""
-    with open(os.path.join(path, f"trainer_state_rank{rank}.json")) as f:
+    with open(os.path.join(path, STATE_FILE.format(rank=rank))) as f:
         return json.load(f)
 
 
@@ -249,3 +190,51 @@ def checkpoint_world_size(path: str) -> int:
     """World size that wrote the checkpoint (from the marker)."""
     with open(os.path.join(path, MARKER)) as f:
         return int(json.load(f)["world_size"])
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A complete checkpoint directory from a run dir, a checkpoints dir, or a checkpoint itself."""
+    for root in (path, os.path.join(path, "checkpoints")):
+        if is_complete(root):
+            return root
+        latest = find_latest(root)
+        if latest:
+            return latest
+    raise FileNotFoundError(f"{path}: no complete checkpoint (directory with a {MARKER} marker) found")
+
+
+def torch_files(directory: str) -> list[str]:
+    """Every torch-format file under `directory` (recursively), sorted."""
+    found = []
+    for root, _, names in os.walk(directory):
+        found += [os.path.join(root, n) for n in names if n.endswith(TORCH_SUFFIXES)]
+    return sorted(found)
+
+
+def verify_checkpoint_dir(directory: str, safe_globals: Iterable[type] = (), allow_pickle: bool = False) -> int:
+    """Raise UnsafeCheckpointError (naming the file and ckpt.allow_pickle) for the first file that needs
+    pickle beyond `safe_globals`; returns the number of files checked. A no-op with allow_pickle."""
+    if allow_pickle:
+        return 0
+    files = torch_files(directory)
+    allowed = list(safe_globals)
+    for path in files:
+        # Memory-mapped weights_only load: tensors are mapped, not read, so this costs little even for
+        # the optimizer shards of a large model.
+        safe_torch_load(path, allow_pickle=False, safe_globals=allowed)
+    return len(files)
+
+
+def consolidated_state_dict(checkpoint_dir: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 student weights (`vit.*` + `gates.*`), consolidated by the backend that wrote the checkpoint
+    (its name is in the trainer state); a file that needs pickle is refused unless allow_pickle."""
+    from trainer.infra.backends import backend_class
+
+    backend = load_trainer_state(checkpoint_dir, 0).get("backend", "deepspeed")
+    state = backend_class(backend).consolidated_weights(checkpoint_dir, allow_pickle)
+    return {k: v.detach().float().contiguous() for k, v in state.items()}
+
+
+__all__ = ["MARKER", "LATEST", "CheckpointError", "UnsafeCheckpointError", "save_checkpoint", "find_latest",
+           "complete_checkpoints", "incomplete_checkpoints", "is_complete", "load_trainer_state",
+           "checkpoint_world_size", "resolve_checkpoint", "verify_checkpoint_dir", "consolidated_state_dict"]

@@ -1,4 +1,5 @@
-"""Loading local weight files into the timm model (unchanged) and, when present, the gates.
+"""Weight files (one .pth/.pt/.bin/.safetensors file of tensors): read, check and load them into the timm
+model (unchanged) and, when present, the gates. Training checkpoints (directories) live in trainer/infra.
 
 Weight files are untrusted input: `.pth`/`.pt`/`.bin` go through `torch.load(weights_only=True)` (plain
 tensors and containers only, nothing executed) and `.safetensors` through safetensors. A file that
@@ -64,7 +65,7 @@ def safe_torch_load(path: str | Path, allow_pickle: bool = False, safe_globals: 
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a .pth/.pt/.bin (weights_only torch.load, see safe_torch_load) or .safetensors file, unwrapped."""
     path = Path(path)
     if not path.is_file():
@@ -152,16 +153,16 @@ def load_vit_weights(vit: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     load_strict(vit, _filtered(vit, sd), what=f"weights into {type(vit).__name__}")
 
 
-def check_vit_checkpoint(vit: nn.Module, path: str | Path, allow_pickle: bool = False) -> None:
+def check_weights(vit: nn.Module, path: str | Path, allow_pickle: bool = False) -> None:
     """Raise (ValueError, UnsafeCheckpointError) unless `path` would load into `vit`; `vit` may live on
     the meta device, so config validation checks a DeiT-B file in well under a second."""
-    vit_sd, _ = split_student_state(read_state_dict(path, allow_pickle))
+    vit_sd, _ = split_student_state(read_weights(path, allow_pickle))
     check_strict(vit, _filtered(vit, vit_sd), what=f"{path} into {type(vit).__name__}")
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, allow_pickle: bool = False) -> None:
+def load_weights(model: nn.Module, path: str | Path, allow_pickle: bool = False) -> None:
     """Load a file into a student or teacher: dense weights into model.vit, gate weights if both have them."""
-    vit_sd, gate_sd = split_student_state(read_state_dict(path, allow_pickle))
+    vit_sd, gate_sd = split_student_state(read_weights(path, allow_pickle))
     load_vit_weights(model.vit, vit_sd)
     gates = getattr(model, "gates", None)
     if gate_sd and gates is not None and len(gates):

@@ -23,7 +23,7 @@ Negative controls for the exact-resume test: resume without restoring the data p
 per-step RNG restarted from the seed as if never saved. Both must make that test fail.
 
 While PRUNEVIT_FAULT is set the trainer also logs `debug/param_sum/rank<r>` every log step (see
-`trainer.train.debug_param_sums`), so tests can see that a skipped step left the parameters untouched.
+`param_sums_by_rank`), so tests can see that a skipped step left the parameters untouched.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def active() -> bool:
 
 
 def _rank() -> int:
-    from trainer import dist
+    from trainer.infra import dist
 
     return dist.rank()
 
@@ -134,3 +134,19 @@ def forget(what: str) -> bool:
     """Negative-control switch: resume without restoring `data` or `rng` (PRUNEVIT_DEBUG_RESUME)."""
     return os.environ.get(RESUME_ENV, "") == f"forget_{what}"
 
+
+def param_checksum(module: torch.nn.Module) -> float:
+    """fp64 sum of |p| over the parameters this rank holds (replicas must agree; ZeRO-3 holds shards)."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
+
+
+def param_sums_by_rank(backend) -> dict[str, float]:
+    """Every rank's full-parameter `param_checksum` (fault-injection runs only): equal replicas, untouched skips."""
+    from trainer.infra import dist
+
+    rank, world = dist.rank(), dist.world_size()
+    sums = torch.zeros(world, dtype=torch.float64)
+    with backend.gathered_parameters():
+        sums[rank] = param_checksum(backend.module)
+    return {f"debug/param_sum/rank{r}": v for r, v in enumerate(dist.all_reduce(sums).tolist())}

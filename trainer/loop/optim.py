@@ -157,14 +157,14 @@ def group_lr(step: int, schedule: LRSchedule, lr_scale: float = 1.0, frozen_unti
     return lr_scale * lr_at(step - frozen_until, schedule.base_lr, warmup, span, schedule.min_lr)
 
 
-def apply_lr(optimizer: torch.optim.Optimizer, step: int, schedule: LRSchedule) -> dict[str, float]:
-    """Write each group's LR for `step` into optimizer.param_groups; return {group name: lr} for logging.
+def apply_lr(param_groups: list[dict], step: int, schedule: LRSchedule) -> dict[str, float]:
+    """Write each group's LR for `step` into the optimizer's param groups; return {group name: lr} for logging.
 
-    Works on DeepSpeed and Accelerate wrappers too: both expose the wrapped optimizer's own group
-    dicts as `param_groups`, so writing group["lr"] reaches the optimizer that steps.
+    Pass `backend.param_groups` (or `optimizer.param_groups`): DeepSpeed and Accelerate expose the
+    wrapped optimizer's own group dicts, so writing group["lr"] reaches the optimizer that steps.
     """
     written: dict[str, float] = {}
-    for index, group in enumerate(optimizer.param_groups):
+    for index, group in enumerate(param_groups):
         lr = group_lr(step, schedule, group.get("lr_scale", 1.0), group.get("frozen_until", 0))
         group["lr"] = lr
         written[group.get("name", f"group{index}")] = lr

@@ -12,8 +12,10 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from trainer.backends.base import Backend
-from trainer.safe_load import verify_checkpoint_dir
+from trainer.config import Config
+from trainer.infra.backends.base import Backend
+from trainer.infra.backends.deepspeed_config import load_ds_config
+from trainer.infra.checkpoint import verify_checkpoint_dir
 
 # Data-only classes DeepSpeed pickles into its ZeRO optimizer files (checked on ZeRO-1/2/3 bf16 and fp32
 # checkpoints; the loss scalers carry fp16 state). Constructing them runs no code of the file's choosing.
@@ -42,7 +44,7 @@ class DeepSpeedBackend(Backend):
         if ds_config.get("bf16", {}).get("enabled"):
             # The ZeRO optimizers skip a bf16 step with non-finite gradients only with this on (default
             # on in DeepSpeed 0.19.8; without it ZeRO-1/2 apply NaN updates, measured). The trainer relies
-            # on it and checks every step that a non-finite one was skipped (trainer.train).
+            # on it and checks every step that a non-finite one was skipped (trainer.loop.step.BadSteps).
             if ds_config["bf16"].get("check_grad_overflow") is False:
                 raise ValueError("ds_config bf16.check_grad_overflow=false: the trainer needs DeepSpeed to skip "
                                  "steps with non-finite gradients; remove the key")
@@ -53,6 +55,20 @@ class DeepSpeedBackend(Backend):
             self.input_dtype = torch.float16
         self.engine = None
         self._skipped_before = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config, world_size: int) -> DeepSpeedBackend:
+        return cls(load_ds_config(cfg, world_size))
+
+    @staticmethod
+    def consolidated_weights(directory: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+        """fp32 state dict from a ZeRO-1/2/3 checkpoint, via DeepSpeed's own zero_to_fp32 (which unpickles
+        with weights_only=False, hence the check first)."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        verify_checkpoint_dir(directory, SAFE_GLOBALS, allow_pickle)
+        root, tag = os.path.split(os.path.normpath(directory))
+        return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         model.to(self.device)
@@ -86,7 +102,7 @@ class DeepSpeedBackend(Backend):
 
     def save(self, directory: str) -> None:
         # save_latest=False: DeepSpeed writes `latest` before every rank has finished; ours is written
-        # only after the completion marker (trainer.checkpoint).
+        # only after the completion marker (trainer.infra.checkpoint).
         root, tag = os.path.split(os.path.normpath(directory))
         self.engine.save_checkpoint(root, tag=tag, save_latest=False)
 
@@ -117,13 +133,3 @@ def _knows_bf16_overflow_check() -> bool:
     except ImportError:
         return False
     return "check_grad_overflow" in DeepSpeedBF16Config.model_fields
-
-
-def consolidate_fp32(checkpoint_dir: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """fp32 state dict of the student from a ZeRO-1/2/3 checkpoint, via DeepSpeed's own zero_to_fp32
-    (which unpickles with weights_only=False, hence the check first)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    verify_checkpoint_dir(checkpoint_dir, SAFE_GLOBALS, allow_pickle)
-    root, tag = os.path.split(os.path.normpath(checkpoint_dir))
-    return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)

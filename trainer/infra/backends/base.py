@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from trainer.config import Config
 
 
 class Backend(ABC):
@@ -18,6 +21,16 @@ class Backend(ABC):
     """dtype the model's inputs must have (DeepSpeed casts the module itself, Accelerate autocasts)."""
     allow_pickle: bool = False
     """`load` unpickles checkpoint files that need more than tensors (ckpt.allow_pickle; trusted files only)."""
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: Config, world_size: int) -> Backend:
+        """The backend as the run config asks for it (starts the process group)."""
+
+    @staticmethod
+    @abstractmethod
+    def consolidated_weights(directory: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+        """The student's full weights from a checkpoint directory this backend wrote (any ZeRO stage)."""
 
     @abstractmethod
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -63,8 +76,8 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, directory: str) -> None:
-        """Restore what `save` wrote; first refuses files that need pickle (trainer.safe_load) unless
-        `allow_pickle`."""
+        """Restore what `save` wrote; first refuses files that need pickle
+        (`trainer.infra.checkpoint.verify_checkpoint_dir`) unless `allow_pickle`."""
 
     def gathered_parameters(self) -> contextlib.AbstractContextManager:
         """Context in which `module`'s parameters hold their full values (ZeRO-3 gathers: all ranks call)."""

@@ -12,10 +12,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from data.augment_config import AugmentConfig
 from data.demo import box_patch_mask
 from data.info import resolve_split
-from data.transforms import AugmentConfig, DeviceAugment
-from trainer.visualize import overlay_grid
+from data.transforms import DeviceAugment
+from trainer.config import load_config
+from trainer.loop.build import build_student
+from trainer.loop.metrics import read_metrics
+from trainer.loop.visualize import overlay_grid
 
 
 def boxed_val_batches(shards_dir: str, batch_size: int) -> Iterator[tuple]:
@@ -81,12 +85,6 @@ def overlay_png(student: torch.nn.Module, shards_dir: str, num_classes: int, pat
     big.save(path)
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    """The train records of a run's metrics.jsonl."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == "train"]
-
-
 def plot_curves(runs: dict[str, str], path: str) -> None:
     """Loss of every run and keep ratio per stage of the students, against the step."""
     import matplotlib
@@ -124,11 +122,8 @@ MIN_PRECISION_OVER_RANDOM = 2.0  # kept-token precision at the last stage vs kee
 
 def load_run_model(run_dir: str) -> tuple[torch.nn.Module, object]:
     """(model in eval mode, its config) from a run dir's latest complete checkpoint."""
-    from trainer.config import load_config
-    from trainer.evaluate import load_student
-
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    return load_student(run_dir, cfg).eval(), cfg
+    return build_student(cfg, run_dir).eval(), cfg
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""`make demo`: the whole stack end to end on the embedded digits dataset, on CPU.
+"""`make demo` (`python -m trainer.demo`): the whole stack end to end on the embedded digits dataset, on CPU.
 
     python -m trainer.demo [--out runs/demo] [--procs 2] [--train-per-class N] [--teacher-epochs E]
                            [--student-epochs E] [--asvit-epochs E]
@@ -30,10 +30,10 @@ from collections.abc import Sequence
 
 import torch
 
-from trainer.dist import free_port
-from trainer.report import GOALS, measure_models, write_report
+from trainer.demo.report import GOALS, measure_models, write_report
+from trainer.infra.dist import free_port
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEACHER_CONFIG = os.path.join(REPO, "trainer", "configs", "demo_teacher.yaml")
 STUDENT_CONFIG = os.path.join(REPO, "trainer", "configs", "demo.yaml")
 

@@ -1,4 +1,5 @@
-"""Where numbers go: metrics.jsonl, TensorBoard (rank 0 only), and a tqdm bar or plain log lines."""
+"""Where numbers go: metrics.jsonl, TensorBoard (rank 0 only), a tqdm bar or plain log lines, and the
+debug key log; `read_metrics` reads metrics.jsonl back."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -84,3 +86,29 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     """Pretty JSON (summary.json)."""
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, allow_nan=True)
+
+
+def read_metrics(run_dir: str, kind: str = "train") -> list[dict]:
+    """The records of one kind (`train` or `eval`) from a run's metrics.jsonl, in order."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+class KeyLog:
+    """Debug (data.log_keys): `<run>/keys_rank<r>.txt`, one `<step> <key>` line per consumed sample.
+
+    `step` is the 1-based optimizer step the sample trains; every (re)start first writes `# start
+    step=<s>`, so a reader drops the lines after step s that a killed run wrote and its resume redid.
+    Flushed per batch: a kill -9 loses no line and tears none.
+    """
+
+    def __init__(self, run_dir: str, rank: int, start_step: int):
+        self.file = open(os.path.join(run_dir, f"keys_rank{rank}.txt"), "a")
+        self.file.write(f"# start step={start_step}\n")
+
+    def write(self, step: int, keys: Sequence[str]) -> None:
+        self.file.write("".join(f"{step} {k}\n" for k in keys))
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()

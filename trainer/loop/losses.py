@@ -3,8 +3,9 @@
 Terms (all fp32 scalars, whatever the dtype of the logits and tokens):
 
 - ``ce``: soft-target cross-entropy on the (mixup/cutmix) targets; always present.
-- ``ratio`` (DynamicViT): mean over stages s = 1..S of (kept fraction at stage s - rho^s)^2, the
-  kept fraction taken per sample and the square averaged over the batch, as in DynamicViT's code.
+- ``ratio`` (DynamicViT): mean over stages s of (kept fraction at stage s - target_s)^2, the kept
+  fraction taken per sample and the square averaged over the batch, as in DynamicViT's code; the
+  targets rho^(s+1) come from the student (`PrunedViT.target_keep_ratios`).
 - ``flops`` (AS-ViT): |mean_batch GMACs / dense GMACs - f|. The paper writes |FLOPs(x) - f FLOPs_dense|
   with FLOPs in relative terms; dividing by the dense count keeps the term scale-free, so the weight
   2 means the same thing for DeiT-S at 224 (4.6 GMACs) and DeiT-B at 384 (55.5 GMACs).
@@ -23,6 +24,7 @@ Nothing here logs or prints: the loop logs what it gets back (timm `task` style)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -30,23 +32,30 @@ import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
+from model.gate_types import GATE_TYPES
+
 if TYPE_CHECKING:
     from model import StudentOutput, TeacherOutput
-
-GATE_TYPES = ("dynamicvit", "asvit", "none")
+    from trainer.config import PruneConfig
 
 _soft_ce = SoftTargetCrossEntropy()
 
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the loss terms (ce is always 1) and the distillation temperature."""
+    """Weights of the loss terms (ce is always 1) and the distillation temperature: the `prune.w_*` keys."""
 
-    ratio: float = 2.0  # DynamicViT keep-ratio loss; the DeiT-B recipe uses 5
-    flops: float = 2.0  # AS-ViT FLOPs-budget loss
-    kd: float = 0.5  # logit distillation
-    tok: float = 0.5  # DynamicViT token distillation (AS-ViT's recipe has none, so it is ignored there)
+    w_ratio: float = 2.0  # DynamicViT keep-ratio loss; the DeiT-B recipe uses 5
+    w_flops: float = 2.0  # AS-ViT FLOPs-budget loss
+    w_kd: float = 0.5  # logit distillation
+    w_tok: float = 0.5  # DynamicViT token distillation (AS-ViT's recipe has none, so it is ignored there)
     kd_temperature: float = 1.0
+
+    @classmethod
+    def from_config(cls, prune: PruneConfig, distill: bool) -> LossWeights:
+        """The config's weights; the distillation terms are off without a teacher."""
+        return cls(w_ratio=prune.w_ratio, w_flops=prune.w_flops, w_kd=prune.w_kd if distill else 0.0,
+                   w_tok=prune.w_tok if distill else 0.0, kd_temperature=prune.kd_temperature)
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
@@ -69,12 +78,14 @@ def soft_target_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return _soft_ce(_fp32(logits), _fp32(targets))
 
 
-def keep_ratio_loss(keep_masks: list[torch.Tensor], keep_ratio: float) -> torch.Tensor:
-    """DynamicViT's ratio loss: mean_s mean_b (mean_i keep_s[b, i] - rho^(s+1))^2, s 0-based."""
+def keep_ratio_loss(keep_masks: list[torch.Tensor], keep_targets: Sequence[float]) -> torch.Tensor:
+    """DynamicViT's ratio loss: mean_s mean_b (mean_i keep_s[b, i] - target_s)^2 (targets rho^(s+1))."""
+    if len(keep_targets) != len(keep_masks):
+        raise ValueError(f"need one keep target per stage ({len(keep_masks)}), got {list(keep_targets)}")
     per_stage = []
-    for s, keep in enumerate(keep_masks):
+    for keep, target in zip(keep_masks, keep_targets, strict=True):
         kept_fraction = _fp32(keep).mean(dim=1)  # per sample, so every image is pushed to the target
-        per_stage.append(((kept_fraction - keep_ratio ** (s + 1)) ** 2).mean())
+        per_stage.append(((kept_fraction - target) ** 2).mean())
     return torch.stack(per_stage).mean()
 
 
@@ -120,15 +131,16 @@ def compute_losses(
     teacher_out: TeacherOutput | None = None,
     weights: LossWeights | None = None,
     gate_type: str = "dynamicvit",
-    keep_ratio: float = 0.7,
+    keep_targets: Sequence[float] = (),
     flops_budget: float = 0.65,
     dense_gmacs: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Named fp32 loss terms of a student training step and their weighted sum under key `total`.
 
     `teacher_out` is None when distillation is off; `weights` defaults to LossWeights().
+    `keep_targets` are DynamicViT's per-stage targets (`PrunedViT.target_keep_ratios`).
     `dense_gmacs` is the dense model's GMACs per image at the training size (AS-ViT only; defaults to
-    `out.dense_flops` when the output carries it).
+    `out.dense_gmacs` when the output carries it).
     """
     if gate_type not in GATE_TYPES:
         raise ValueError(f"gate_type must be one of {GATE_TYPES}, got {gate_type!r}")
@@ -142,28 +154,29 @@ def compute_losses(
 
     # term name -> weight; a term is computed only when it applies and its weight is > 0.
     active: dict[str, float] = {"ce": 1.0}
-    if gate_type == "dynamicvit" and weights.ratio > 0:
-        active["ratio"] = weights.ratio
-    if gate_type == "asvit" and weights.flops > 0:
-        active["flops"] = weights.flops
-    if distill and weights.kd > 0:
-        active["kd"] = weights.kd
-    if distill and gate_type == "dynamicvit" and weights.tok > 0:
-        active["tok"] = weights.tok
+    if gate_type == "dynamicvit" and weights.w_ratio > 0:
+        active["ratio"] = weights.w_ratio
+    if gate_type == "asvit" and weights.w_flops > 0:
+        active["flops"] = weights.w_flops
+    if distill and weights.w_kd > 0:
+        active["kd"] = weights.w_kd
+    if distill and gate_type == "dynamicvit" and weights.w_tok > 0:
+        active["tok"] = weights.w_tok
 
     # Autocast off: a loss called inside the backend's autocast region must still run in fp32.
     terms: dict[str, torch.Tensor] = {}
     with torch.autocast(device_type=out.logits.device.type, enabled=False):
         terms["ce"] = soft_target_ce(out.logits, targets)
         if "ratio" in active:
-            _check_fraction("keep_ratio", keep_ratio)
-            terms["ratio"] = keep_ratio_loss(out.keep_masks, keep_ratio)
+            for target in keep_targets:
+                _check_fraction("keep target", target)
+            terms["ratio"] = keep_ratio_loss(out.keep_masks, keep_targets)
         if "flops" in active:
             _check_fraction("flops_budget", flops_budget)
-            dense = dense_gmacs if dense_gmacs is not None else getattr(out, "dense_flops", None)
+            dense = dense_gmacs if dense_gmacs is not None else getattr(out, "dense_gmacs", None)
             if not dense or not math.isfinite(dense) or dense <= 0:
                 raise ValueError(f"AS-ViT's FLOPs loss needs the dense GMACs per image (> 0), got {dense!r}")
-            terms["flops"] = flops_budget_loss(out.flops, flops_budget, dense)
+            terms["flops"] = flops_budget_loss(out.gmacs, flops_budget, dense)
         if "kd" in active:
             terms["kd"] = logit_kd_loss(out.logits, teacher_out.logits, weights.kd_temperature)
         if "tok" in active:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from model import count_flops
-from trainer import dist
+from trainer.infra import dist
 
 
 def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> tuple[float, float]:

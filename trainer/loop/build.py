@@ -1,0 +1,218 @@
+"""Everything a run needs before its first step, built from the config: `build_run(cfg) -> Run`.
+
+Order matters and is the one below: the backend (process group) first, then models, data, optimizer
+and schedule, the resume point, AS-ViT's threshold calibration (fresh starts only), the backend wrap,
+and last the restore of a checkpoint into the wrapped model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+
+from data import DeviceAugment, EvalLoader, StreamPlan, TrainLoader, eval_transform, resolve_split, train_transform
+from data.augment_config import AugmentConfig
+from model import PrunedViT, Teacher, count_flops, create_student, create_teacher
+from trainer.config import Config
+from trainer.infra import checkpoint as ckpt
+from trainer.infra import dist, faults
+from trainer.infra.backends import Backend, create_backend
+from trainer.loop.losses import LossWeights
+from trainer.loop.optim import LRSchedule, build_optimizer
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many non-finite steps, a checkpoint that does not fit)."""
+
+
+@dataclass
+class Run:
+    """A built run: what the loop reads every step."""
+
+    cfg: Config
+    backend: Backend
+    student: PrunedViT  # unwrapped; call `backend.model` for training forwards
+    teacher: Teacher | None
+    teacher_dtype: torch.dtype
+    dense_gmacs: float
+    loader: TrainLoader
+    eval_loader: EvalLoader | None
+    device_aug: DeviceAugment
+    schedule: LRSchedule
+    loss_weights: LossWeights
+    steps: int
+    start_step: int = 0
+    bad_steps: int = 0  # counters restored from the checkpoint
+    skipped_steps: int = 0
+    rng_base: int = 0  # seeds are functions of the step; faults.forget("rng") fakes a resume that restarts them
+    ignored_checkpoints: list[str] = field(default_factory=list)
+
+    @property
+    def ckpt_root(self) -> str:
+        return checkpoint_root(self.cfg)
+
+
+def checkpoint_root(cfg: Config) -> str:
+    """`<run>/checkpoints`."""
+    return os.path.join(cfg.run_dir, "checkpoints")
+
+
+def build_student(cfg: Config, checkpoint: str | None = None) -> PrunedViT:
+    """The student the config describes, with weights from `checkpoint`: a weight file (timm/DeiT or an
+    export), or a training checkpoint (a run dir, checkpoints dir or checkpoint dir), consolidated. None
+    means `model.checkpoint` (none: timm's init, or its hub weights with `pretrained`)."""
+    m, p = cfg.model, cfg.prune
+    source = checkpoint if checkpoint is not None else (m.checkpoint or None)
+    from_training_run = source is not None and os.path.isdir(source)
+    student = create_student(m.arch, gate=p.gate, keep_ratio=p.keep_ratio, flops_budget=p.flops_budget,
+                             locations=p.locations or None, img_size=m.img_size, num_classes=m.num_classes,
+                             checkpoint=None if from_training_run else source, allow_pickle=cfg.ckpt.allow_pickle,
+                             drop_path_rate=m.drop_path, **m.kwargs)
+    if from_training_run:
+        weights = ckpt.consolidated_state_dict(ckpt.resolve_checkpoint(source), cfg.ckpt.allow_pickle)
+        student.load_state_dict(weights, strict=True)
+    return student
+
+
+def build_teacher(cfg: Config, device: torch.device) -> Teacher | None:
+    """The dense teacher (defaults: the student's arch, weights and kwargs), in inference dtype on `device`."""
+    m, t = cfg.model, cfg.teacher
+    if not t.enabled:
+        return None
+    teacher = create_teacher(t.arch or m.arch, checkpoint=(t.checkpoint or m.checkpoint) or None,
+                             allow_pickle=cfg.ckpt.allow_pickle, img_size=m.img_size, num_classes=m.num_classes,
+                             **(t.kwargs or m.kwargs))
+    # Inference only: never handed to a backend. bf16 on GPU halves its cost; fp32 on CPU.
+    return teacher.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def resolved_augment(cfg: Config, student: PrunedViT) -> AugmentConfig:
+    """The data section's augmentation knobs, with the eval crop taken from the model when unset (0)."""
+    knobs = {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(AugmentConfig)}
+    crop_pct = cfg.data.crop_pct or student.vit.pretrained_cfg.get("crop_pct", 0.875)
+    return AugmentConfig(**(knobs | {"crop_pct": crop_pct}))
+
+
+def build_loaders(cfg: Config, aug: AugmentConfig, device: torch.device) -> tuple[TrainLoader, EvalLoader | None]:
+    """The train stream (equal steps on every rank, checked) and the exact eval loader (None without data.val)."""
+    rank, world, img = dist.rank(), dist.world_size(), cfg.model.img_size
+    plan = StreamPlan(resolve_split(cfg.data.train, "train").shards, cfg.data.batch_size, world,
+                      max(1, cfg.data.workers), cfg.train.seed, cfg.data.shuffle_buffer, cfg.model.num_classes)
+    if not dist.same_on_all_ranks(plan.fingerprint(), device):
+        raise TrainingError(f"data.train={cfg.data.train!r}: the ranks found different shards (files changed during "
+                            f"start-up, or nodes list them differently); every rank must read the same list: "
+                            f"use a shard directory with _info.json, or restart once the files are in place")
+    # any_rank: a skip-rate stop is taken by all ranks at the same batch, never by one alone (no hang).
+    loader = TrainLoader(plan, rank, train_transform(img, aug), cfg.data.max_skip_fraction,
+                         cfg.data.skip_check_min_samples, pin_memory=device.type == "cuda",
+                         use_processes=cfg.data.workers > 0, any_rank=lambda flag: dist.any_rank(flag, device))
+    if not cfg.data.val:
+        return loader, None
+    eval_loader = EvalLoader(resolve_split(cfg.data.val, "val").shards, cfg.data.eval_batch_size or cfg.data.batch_size,
+                             rank, world, eval_transform(img, aug), cfg.model.num_classes, cfg.data.workers,
+                             image_shape=(3, img, img))
+    return loader, eval_loader
+
+
+def total_steps(cfg: Config, loader: TrainLoader) -> int:
+    """Optimizer steps of the run: train.steps, or epochs worth of micro-batches / accumulation."""
+    if cfg.train.steps:
+        return cfg.train.steps
+    whole = int(cfg.train.epochs)
+    micro = sum(loader.steps_per_epoch(e) for e in range(whole))
+    micro += round((cfg.train.epochs - whole) * loader.steps_per_epoch(whole))
+    return max(1, micro // cfg.optim.accum_steps)
+
+
+def build_schedule(cfg: Config, steps: int) -> LRSchedule:
+    """Warm-up + cosine, the base LR scaled by global batch / 1024 (the DeiT rule) when optim.scale_lr."""
+    o = cfg.optim
+    global_batch = cfg.data.batch_size * dist.world_size() * o.accum_steps
+    base_lr = o.lr * (global_batch / 1024 if o.scale_lr else 1.0)
+    warmup = o.warmup_steps if o.warmup_steps >= 0 else int(0.05 * steps)
+    return LRSchedule(base_lr, steps, min(warmup, steps), min(o.min_lr, base_lr))
+
+
+def resolve_resume(cfg: Config) -> tuple[str | None, list[str]]:
+    """(the checkpoint to resume from or None, torn checkpoint names ignored); complete checkpoints only."""
+    if cfg.ckpt.resume == "none":
+        return None, []
+    root = checkpoint_root(cfg)
+    torn = ckpt.incomplete_checkpoints(root)
+    for path in torn:
+        dist.print0(f"ignoring incomplete checkpoint (no {ckpt.MARKER} marker, a save was interrupted): {path}")
+    names = [os.path.basename(p) for p in torn]
+    if cfg.ckpt.resume == "auto":
+        return ckpt.find_latest(root), names
+    if not ckpt.is_complete(cfg.ckpt.resume):
+        raise TrainingError(f"ckpt.resume={cfg.ckpt.resume!r}: not a complete checkpoint (no {ckpt.MARKER})")
+    return cfg.ckpt.resume, names
+
+
+def calibrate_asvit_thresholds(cfg: Config, student: PrunedViT, loader: TrainLoader, device_aug: DeviceAugment) -> None:
+    """Start AS-ViT's thresholds at the FLOPs budget, calibrated on one training batch of a throwaway
+    loader (the real stream is untouched). Backends broadcast rank 0's weights at wrap time."""
+    probe = next(iter(TrainLoader(loader.plan, dist.rank(), loader.transform, use_processes=False)))
+    with torch.no_grad():
+        counts = student.calibrate_thresholds(device_aug.normalize(probe["image"]).cpu())
+    dist.print0(f"AS-ViT thresholds calibrated to flops_budget={cfg.prune.flops_budget}: keep {counts}")
+
+
+def restore(run: Run, checkpoint: str) -> None:
+    """Load a complete checkpoint into the wrapped model, the data position and the counters."""
+    world = dist.world_size()
+    saved_world = ckpt.checkpoint_world_size(checkpoint)
+    if saved_world != world:
+        raise TrainingError(
+            f"{checkpoint} was written by {saved_world} ranks, this run has {world}: resume with "
+            f"{saved_world} ranks, or export the weights (python -m trainer.export --checkpoint "
+            f"{checkpoint} --out w.safetensors) and start a new run with model.checkpoint=w.safetensors")
+    run.backend.load(checkpoint)
+    state = ckpt.load_trainer_state(checkpoint, dist.rank())
+    if not faults.forget("data"):
+        run.loader.load_state_dict(state["data"])
+    run.start_step = state["step"]
+    run.bad_steps, run.skipped_steps = state.get("bad_steps", 0), state.get("skipped_steps", 0)
+    run.rng_base = run.start_step if faults.forget("rng") else 0
+    dist.print0(f"resumed from {checkpoint} at step {run.start_step}")
+
+
+def write_config(cfg: Config) -> None:
+    """`<run>/config.yaml`, the resolved config (rank 0)."""
+    if dist.rank() == 0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+def build_run(cfg: Config) -> Run:
+    """Start the process group and build the run; resumes from the latest complete checkpoint (ckpt.resume)."""
+    backend = create_backend(cfg, dist.world_size())
+    write_config(cfg)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    student = build_student(cfg)
+    teacher = build_teacher(cfg, backend.device)
+    aug = resolved_augment(cfg, student)
+    loader, eval_loader = build_loaders(cfg, aug, backend.device)
+    device_aug = DeviceAugment(aug, cfg.model.num_classes, backend.device)
+    steps = total_steps(cfg, loader)
+    schedule = build_schedule(cfg, steps)
+    o = cfg.optim
+    optimizer = build_optimizer(student, schedule.base_lr, o.weight_decay, tuple(o.betas), o.eps, o.backbone_lr_scale,
+                                int(o.backbone_frozen_fraction * steps), gate_weight_decay=o.gate_weight_decay,
+                                threshold_lr_scale=o.threshold_lr_scale)
+    resume_from, torn = resolve_resume(cfg)
+    if cfg.prune.gate == "asvit" and not resume_from:
+        calibrate_asvit_thresholds(cfg, student, loader, device_aug)
+    backend.prepare(student, optimizer)
+    run = Run(cfg, backend, backend.module, teacher,
+              next(teacher.parameters()).dtype if teacher is not None else torch.float32,
+              count_flops(student.vit, cfg.model.img_size), loader, eval_loader, device_aug, schedule,
+              LossWeights.from_config(cfg.prune, distill=teacher is not None), steps, ignored_checkpoints=torn)
+    if resume_from:
+        restore(run, resume_from)
+    return run
