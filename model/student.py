@@ -7,6 +7,7 @@ are gathered away, so later blocks really run on fewer tokens.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,6 +44,13 @@ class StudentOutput(NamedTuple):
     gmacs: torch.Tensor  # [B] GMACs per sample from the live token counts (differentiable)
     keep_ratios: torch.Tensor  # [S] batch-mean kept fraction per stage (detached)
     dense_gmacs: float = 0.0  # GMACs of the dense model at this input size (AS-ViT budget reference)
+
+    @property
+    def flops(self) -> torch.Tensor:
+        """Deprecated name of `gmacs`."""
+        warnings.warn("StudentOutput.flops is deprecated: use StudentOutput.gmacs (GMACs per sample)",
+                      DeprecationWarning, stacklevel=2)
+        return self.gmacs
 
 
 class PrunedViT(nn.Module):
