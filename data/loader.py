@@ -6,6 +6,7 @@ make rank 0 read everything) or to DeepSpeed.
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +17,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.info import Shard
 from data.samples import SKIP_KINDS, SampleError, decode_sample
 from data.stream import SkipTally, StreamPlan, read_shards, worker_batches
+
+
+def leave_stop_signals_to_the_parent(_worker_id: int) -> None:
+    """DataLoader worker init: ignore SIGTERM and SIGUSR1. SLURM signals every process of a task, and a worker
+    ended by a stop signal would break the epoch; the training process handles the signal (a graceful stop at a
+    step boundary) and shuts its workers down itself. A worker still exits when its parent dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class DataQualityError(RuntimeError):
@@ -118,7 +127,8 @@ class TrainLoader:
                                 rotation=self.batches_in_epoch % W)
         procs = W if self.use_processes else 0
         loader = DataLoader(dataset, batch_size=None, num_workers=procs, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor if procs else None)
+                            prefetch_factor=self.prefetch_factor if procs else None,
+                            worker_init_fn=leave_stop_signals_to_the_parent)
         for batch in loader:
             want = self.batches_in_epoch % W
             if batch["worker"] != want:
@@ -231,7 +241,8 @@ class EvalLoader:
         produced = 0
         if shards:
             dataset = _EvalWorkers(shards, self.batch_size, self.transform, self.num_classes)
-            for batch in DataLoader(dataset, batch_size=None, num_workers=nw if nw > 1 else 0):
+            for batch in DataLoader(dataset, batch_size=None, num_workers=nw if nw > 1 else 0,
+                                    worker_init_fn=leave_stop_signals_to_the_parent):
                 self.skips.update(batch["skips"])
                 if batch["image"] is None:
                     continue

@@ -12,6 +12,7 @@ import argparse
 import os
 from collections.abc import Sequence
 
+from trainer.accelerate_env import apply_accelerate_env
 from trainer.config import Config, load_config, validate, validate_model
 
 
@@ -41,6 +42,9 @@ def load_checked_config(args: argparse.Namespace, world_size: int | None, check_
     """Load and validate (ConfigError otherwise), cheap checks first; check_model=False stops before the
     checks that import torch. world_size None: not known yet (launch.sh before the ranks exist)."""
     cfg = load_config(args.config, overrides(args))
+    for note in apply_accelerate_env(cfg, os.environ):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"accelerate launch config: {note}", flush=True)
     validate(cfg, world_size=world_size, check_model=False)
     if check_model:
         validate_model(cfg)

@@ -30,6 +30,14 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def node_rank() -> int:
+    """Index of this rank's node, as the launcher numbers nodes (hostnames may repeat, e.g. two nodes on one host)."""
+    for var in ("GROUP_RANK", "CROSS_RANK", "NODE_RANK", "SLURM_NODEID"):  # torchrun, deepspeed, srun, srun
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
 def free_port() -> int:
     """A local TCP port nobody listens on right now (for a rendezvous this process starts)."""
     with socket.socket() as sock:

@@ -11,6 +11,7 @@ import yaml
 from trainer.config import Config
 from trainer.infra import checkpoint as ckpt
 from trainer.infra import dist, faults
+from trainer.infra.preemption import GracefulStop
 from trainer.loop.build import Run, build_run
 from trainer.loop.eval_loop import evaluate
 from trainer.loop.metrics import KeyLog, MetricsLogger, write_json
@@ -23,6 +24,7 @@ from trainer.loop.window import MetricsWindow, rank_summed_skips
 def train(cfg: Config) -> dict:
     """Run training as configured; returns the summary (also written to <run>/summary.json)."""
     start_time = time.time()
+    stop = GracefulStop.install()  # SIGTERM/SIGUSR1: checkpoint at the next step boundary, then exit
     run = build_run(cfg)
     backend, step = run.backend, run.start_step
     log = MetricsLogger(cfg.run_dir, dist.rank() == 0, run.steps, step, cfg.log.tensorboard, cfg.log.progress)
@@ -48,8 +50,14 @@ def train(cfg: Config) -> dict:
             window.reset()
         if bad.exhausted:
             raise bad.stop(step)
-        if (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step == run.steps:
+        saved = (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step == run.steps
+        if saved:
             save(run, step, bad)
+        if stop.agreed(step) and step < run.steps:
+            if not saved:
+                save(run, step, bad)
+            dist.print0(f"stopped after step {step} ({stop.signal_name}); run the same command to resume")
+            break
         if run.eval_loader is not None and ((cfg.log.eval_every and step % cfg.log.eval_every == 0)
                                             or step == run.steps):
             last_eval = run_eval(run, log, step)
@@ -61,7 +69,7 @@ def train(cfg: Config) -> dict:
                "backend": backend.name, "precision": cfg.precision, "gate": cfg.prune.gate,
                "gmacs_dense": run.dense_gmacs, "bad_steps": bad.total, "skipped_steps": bad.skipped_total,
                "ignored_checkpoints": run.ignored_checkpoints, "skipped_samples": rank_summed_skips(run.loader),
-               **last_eval}
+               "stopped_early": step < run.steps, **last_eval}
     if dist.rank() == 0:
         write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
     log.close()
@@ -88,7 +96,7 @@ def save(run: Run, step: int, bad: BadSteps) -> None:
              "skipped_steps": bad.skipped_total, "backend": run.backend.name,
              "param_checksum": faults.param_checksum(run.student), "rank": dist.rank(),
              "world_size": dist.world_size(), "local_rank": dist.local_rank(),
-             "node_rank": int(os.environ.get("GROUP_RANK", 0))}
+             "node_rank": dist.node_rank()}
     path = ckpt.save_checkpoint(run.backend, run.ckpt_root, step, state, run.cfg.ckpt.keep)
     dist.print0(f"saved checkpoint {path}")
 
