@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # them once for the demo and the tests alike, and another checkout's venv cannot invalidate them.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup demo test test-fast lint bench-data clean
+.PHONY: setup demo test test-fast lint bench-data cluster clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# The local 2-node cluster (SLURM node1/node2, pdsh/ssh node-a/node-b) that tests/test_launch_paths.py uses.
+cluster:
+	bash tests/cluster/up.sh
 
 bench-data: setup
 	$(PY) -m trainer.bench data --img-size 384 --workers 1

@@ -13,7 +13,8 @@ global rank or `*` (every rank, the default). Points:
     inf_grad            step N's gradients (its last micro-batch) are inf on the rank(s); the loss stays finite
 
 Actions (the first four points): `kill` (SIGKILL, the default), `pause` (sleep until killed from
-outside: a test then kills the whole job), `enospc` (raise OSError ENOSPC, a full disk), `fsize`
+outside: a test then kills the whole job), `hold` (sleep until a signal arrives, then go on: a test sends
+SIGTERM or SIGUSR1 at a known step), `enospc` (raise OSError ENOSPC, a full disk), `fsize`
 (RLIMIT_FSIZE=0: every later file write of this process fails in the kernel with EFBIG, wherever it
 happens, e.g. inside DeepSpeed's torch.save).
 
@@ -40,7 +41,7 @@ import torch
 ENV = "PRUNEVIT_FAULT"
 RESUME_ENV = "PRUNEVIT_DEBUG_RESUME"
 POINTS = ("after_step", "ckpt_before_model", "ckpt_between_ranks", "ckpt_before_marker", "nan_loss", "inf_grad")
-ACTIONS = ("kill", "pause", "enospc", "fsize")
+ACTIONS = ("kill", "pause", "hold", "enospc", "fsize")
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ def hit(point: str, step: int, path: str = "") -> None:
     elif f.action == "pause":
         while True:  # the test kills the whole job from outside
             time.sleep(3600)
+    elif f.action == "hold":
+        signal.pause()  # returns once a signal's handler has run (the graceful-stop handler, for one)
     elif f.action == "enospc":
         raise OSError(errno.ENOSPC, "No space left on device (injected)", path)
     elif f.action == "fsize":
