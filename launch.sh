@@ -80,7 +80,8 @@ if [[ -n "$hostfile" ]]; then
   envfile=$(mktemp "${TMPDIR:-/tmp}/prunevit-deepspeed-env.XXXXXX")
   cat ~/.deepspeed_env ./.deepspeed_env 2>/dev/null > "$envfile" || true
   while IFS='=' read -r name _; do
-    [[ "$name" =~ ^(GLOO_|NCCL_|OMP_NUM_THREADS$|TORCH_|PRUNEVIT_) ]] && printf '%s=%q\n' "$name" "${!name}" >> "$envfile"
+    # Raw values: DeepSpeed double-quotes any value with shell characters itself.
+    [[ "$name" =~ ^(GLOO_|NCCL_|OMP_NUM_THREADS$|TORCH_|PRUNEVIT_) ]] && printf '%s=%s\n' "$name" "${!name}" >> "$envfile"
   done < <(env)
   export DS_ENV_FILE="$envfile"
   (sleep 60; rm -f "$envfile") >/dev/null 2>&1 &

@@ -6,7 +6,9 @@ make rank 0 read everything) or to DeepSpeed.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,11 +22,24 @@ from data.stream import SkipTally, StreamPlan, read_shards, worker_batches
 
 
 def leave_stop_signals_to_the_parent(_worker_id: int) -> None:
-    """DataLoader worker init: ignore SIGTERM and SIGUSR1. SLURM signals every process of a task, and a worker
-    ended by a stop signal would break the epoch; the training process handles the signal (a graceful stop at a
-    step boundary) and shuts its workers down itself. A worker still exits when its parent dies."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader worker init: SIGTERM and SIGUSR1 from anyone but the training process are ignored.
+
+    SLURM signals every process of a task (preemption, `scancel --signal`), and a worker ended by it would
+    break the stream before the training process, which handles the signal, can stop at a step boundary
+    with a checkpoint. The parent's own SIGTERM (DataLoader shutdown, interpreter exit) still ends the
+    worker, as torch's handler does: Python handlers cannot see the sender, so a thread takes SIGTERM
+    with sigwaitinfo, which can.
+    """
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the thread below inherits the mask
+
+    def exit_on_the_parents_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=exit_on_the_parents_sigterm, name="sigterm-from-parent", daemon=True).start()
 
 
 class DataQualityError(RuntimeError):

@@ -217,3 +217,49 @@ def test_train_transform_survives_zero_bit_posterize_with_current_pillow():
     for op in ops:
         op.magnitude, op.magnitude_std, op.prob = 10, 0, 1.0  # force the 0-bit case
         op(img)
+
+
+def test_loader_workers_survive_stop_signals_from_others_and_still_end_with_their_parent(tmp_path):
+    """SLURM sends SIGTERM/SIGUSR1 to every process of a task: the workers must leave them to the training
+    process (which stops at a step boundary with a checkpoint), yet end when the loader shuts them down."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    make_shards(str(tmp_path), [8, 8])
+    # The loader runs in a child (its workers are the grandchildren); this test process is "someone else".
+    script = textwrap.dedent(f"""
+        import os, sys
+        from itertools import islice
+        from data import StreamPlan, TrainLoader, resolve_split, train_transform
+        from data.augment_config import AugmentConfig
+        split = resolve_split({os.path.join(str(tmp_path), 'train-*.tar')!r}, "train")
+        plan = StreamPlan(split.shards, batch_size=2, world_size=1, workers_per_rank=2, shuffle_buffer=4)
+        batches = iter(TrainLoader(plan, 0, train_transform(32, AugmentConfig())))
+        next(batches)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        print("after signals", len(list(islice(batches, 5))), flush=True)
+        del batches
+        print("shut down", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        import psutil
+
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
+        for w in workers:
+            os.kill(w.pid, signal.SIGTERM)
+            os.kill(w.pid, signal.SIGUSR1)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "after signals 5"
+        assert proc.stdout.readline().strip() == "shut down"
+        assert proc.wait(timeout=30) == 0
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    finally:
+        proc.kill()

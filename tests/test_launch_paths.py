@@ -233,6 +233,29 @@ def test_launch_sh_with_a_hostfile_survives_losing_a_node(workdir, reference_2no
     _kill_node_then_resume(workdir, cmd, "pdsh", "CROSS_RANK", reference_2nodes)
 
 
+def test_usr1_to_the_ranks_of_a_hostfile_launch_stops_them_with_a_checkpoint(workdir, reference_2nodes):
+    """DeepSpeed's launcher kills its ranks on SIGTERM, so the README says: signal the ranks over pdsh."""
+    cmd = ["bash", LAUNCH_SH, "--num_nodes", "2", "--hostfile", "hosts", "--master_port", str(free_port()),
+           *_args("pdsh_usr1")]
+    log = workdir / "pdsh_usr1.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=_env(PRUNEVIT_FAULT="after_step:5:*:hold"), stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: log.read_text().count("hold at after_step step 5") == 2, "both ranks hold")
+        subprocess.run(["pdsh", "-w", "node-a,node-b", "pkill -USR1 -f '[l]aunch.sh --local_rank'"], check=True,
+                       env=_env(PDSH_RCMD_TYPE="ssh"))
+        rc = proc.wait(timeout=120)
+    finally:
+        kill_tree(proc.pid)
+    text = log.read_text()
+    assert rc == 75 and text.count("SIGUSR1 received") == 2, (rc, text[-4000:])
+    assert (workdir / "runs" / "pdsh_usr1" / "checkpoints" / "step_00000007" / "COMPLETE").is_file()
+    done = _run(cmd, workdir)
+    assert "at step 7" in done.stdout
+    _assert_same_losses(workdir, "pdsh_usr1", reference_2nodes)
+
+
 # ---------------------------------------------------------------------------------------------------
 # SLURM
 
