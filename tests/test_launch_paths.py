@@ -75,9 +75,9 @@ def workdir(tmp_path_factory):
 
 def _env(**extra: str) -> dict[str, str]:
     # PYTHONPATH: commands run from the user's folder must import this checkout, whatever the venv has installed.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1", "PYTHONPATH": REPO,
-           "PYTHON": sys.executable, "TORCH_EXTENSIONS_DIR": os.path.join(os.path.dirname(BIN), "torch_extensions"),
-           **extra}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": REPO, "PYTHON": sys.executable,
+           "TORCH_EXTENSIONS_DIR": os.path.join(os.path.dirname(BIN), "torch_extensions"), **extra}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     return env
