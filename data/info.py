@@ -7,6 +7,7 @@ shards unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -15,6 +16,8 @@ import warnings
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
+
+from data.sources import NetOptions, join, open_shard, parent, read_bytes, redact, source_kind
 
 INFO_NAME = "_info.json"
 
@@ -50,71 +53,117 @@ def write_info(out_dir: str, info: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_info(directory: str) -> dict:
-    """Read `_info.json` from a shard directory, with an error that names the file."""
-    path = os.path.join(directory, INFO_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no shard index; build the shards with `python -m data.convert`")
+def load_info(directory: str, net: NetOptions | None = None) -> dict:
+    """Read `_info.json` from a shard folder (a path or a URL), with an error that names the file."""
+    path = join(directory, INFO_NAME)
     try:
-        with open(path) as f:
-            info = json.load(f)
+        if source_kind(directory) == "local":
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: no shard index; build the shards with `python -m data.convert`")
+            with open(path) as f:
+                text = f.read()
+        else:
+            text = read_bytes(path, net).decode()
+        info = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise ValueError(f"{redact(path)}: not valid JSON ({e})") from e
     if "splits" not in info:
-        raise ValueError(f"{path}: missing key 'splits'")
+        raise ValueError(f"{redact(path)}: missing key 'splits'")
     return info
 
 
-def count_tar_samples(path: str) -> int:
-    """Count samples (distinct keys) in a tar by reading its headers only."""
+def count_tar_samples(path: str, net: NetOptions | None = None) -> int:
+    """Count samples (distinct keys) in a tar by reading its headers (a remote one is streamed once)."""
     keys = set()
     try:
-        with tarfile.open(path, "r") as tar:
+        with open_shard(path, net) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if member.isreg():
                     base = os.path.basename(member.name)
                     keys.add(os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]))
     except tarfile.TarError as e:
         # A damaged shard still counts what is readable; the stream skips and counts the rest.
-        warnings.warn(f"{path}: unreadable tar after {len(keys)} samples ({e})", stacklevel=2)
+        warnings.warn(f"{redact(path)}: unreadable tar after {len(keys)} samples ({e})", stacklevel=2)
     return len(keys)
 
 
-def resolve_split(spec: str, split: str) -> SplitShards:
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation"), "validation": ("validation", "val")}
+"""Names a split may have in an `_info.json`: ours (`val`) and timm's (`validation`) are the same split."""
+
+
+def pick_split(info: dict, split: str, where: str) -> dict:
+    """The entry of `split` (or its other name, see SPLIT_NAMES) in an `_info.json`."""
+    for name in SPLIT_NAMES.get(split, (split,)):
+        if name in info["splits"]:
+            return info["splits"][name]
+    raise ValueError(f"{where}: no split '{split}' (has {sorted(info['splits'])}); name the split with "
+                     f"data.train_split / data.val_split (or --split for trainer.evaluate)")
+
+
+def resolve_split(spec: str, split: str, net: NetOptions | None = None, count_samples: bool = False) -> SplitShards:
     """Turn `data.train`/`data.val` into shards with sample counts.
 
-    `spec` is a shard directory holding `_info.json` (the `split` entry is used) or a brace pattern of
-    local tar files (`/data/train-{000000..000127}.tar`); counts for a pattern come from an
-    `_info.json` beside the files when it lists them, else from the tar headers.
+    `spec` is a shard folder holding `_info.json` (a local directory, or a URL ending in `/`: http(s), s3://,
+    gs://, hf://), whose `split` entry lists the shards; or a brace pattern of shards (local paths and globs,
+    URLs, or `pipe:` commands). A pattern's counts come from an `_info.json` beside the shards when it
+    lists them, else from the tar headers: local tars are read, remote ones only with count_samples
+    (it downloads every shard once); otherwise the split is refused, since guessed counts would break the
+    equal number of steps on every rank.
     """
-    if os.path.isdir(spec):
-        info = load_info(spec)
-        if split not in info["splits"]:
-            raise ValueError(
-                f"{os.path.join(spec, INFO_NAME)}: no split '{split}' (has {sorted(info['splits'])})"
-            )
-        entry = info["splits"][split]
-        shards = tuple(
-            Shard(os.path.join(spec, name), int(n))
-            for name, n in zip(entry["filenames"], entry["shard_lengths"], strict=True)
-        )
-        missing = [s.path for s in shards if not os.path.isfile(s.path)]
-        if missing:
-            raise FileNotFoundError(f"{spec}: {len(missing)} shard(s) listed in {INFO_NAME} are missing, "
-                                    f"first: {missing[0]}")
-        return SplitShards(shards, tuple(info.get("classes", ())))
+    kind = source_kind(spec)
+    if (kind == "local" and os.path.isdir(spec)) or (kind in ("http", "fsspec") and spec.endswith("/")):
+        return _from_info(spec, split, net)
+    return _from_pattern(spec, net, count_samples)
 
-    paths = [p for pattern in braceexpand(spec) for p in sorted(glob.glob(pattern))]
-    if not paths:
-        raise FileNotFoundError(f"shard pattern matches no file: {spec!r}")
+
+def _from_info(folder: str, split: str, net: NetOptions | None) -> SplitShards:
+    info = load_info(folder, net)
+    entry = pick_split(info, split, redact(join(folder, INFO_NAME)))
+    shards = tuple(Shard(join(folder, name), int(n))
+                   for name, n in zip(entry["filenames"], entry["shard_lengths"], strict=True))
+    missing = [s.path for s in shards if source_kind(s.path) == "local" and not os.path.isfile(s.path)]
+    if missing:
+        present = len(shards) - len(missing)
+        raise FileNotFoundError(
+            f"{folder}: {len(missing)} of the {len(shards)} shard(s) listed in {INFO_NAME} are missing, first: "
+            f"{missing[0]}. Finish the download, or train on the {present} present: give the shards as a "
+            f"pattern, e.g. data.train='{os.path.join(folder, os.path.basename(missing[0]).rsplit('-', 1)[0])}-*.tar' "
+            f"(their counts still come from {INFO_NAME})")
+    return SplitShards(shards, tuple(info.get("classes", ())))
+
+
+def _from_pattern(spec: str, net: NetOptions | None, count_samples: bool) -> SplitShards:
+    if source_kind(spec) == "local":
+        paths = [p for pattern in braceexpand(spec) for p in sorted(glob.glob(pattern))]
+        if not paths:
+            raise FileNotFoundError(f"shard pattern matches no file: {spec!r}")
+    else:
+        paths = list(braceexpand(spec))
     known: dict[str, int] = {}
     classes: tuple[str, ...] = ()
-    parent = os.path.dirname(paths[0])
-    if os.path.isfile(os.path.join(parent, INFO_NAME)):
-        info = load_info(parent)
+    folder = parent(paths[0])
+    info = _info_beside(folder, net) if source_kind(paths[0]) != "pipe" else None
+    if info is not None:
         classes = tuple(info.get("classes", ()))
         for entry in info["splits"].values():
             for name, n in zip(entry["filenames"], entry["shard_lengths"], strict=True):
-                known[os.path.join(parent, name)] = int(n)
-    shards = tuple(Shard(p, known[p] if p in known else count_tar_samples(p)) for p in paths)
-    return SplitShards(shards, classes)
+                known[join(folder, name)] = int(n)
+    unknown = [p for p in paths if p not in known]
+    remote = [p for p in unknown if source_kind(p) != "local"]
+    if remote and not count_samples:
+        raise ValueError(
+            f"{redact(spec)}: sample counts of {len(remote)} remote shard(s) are unknown (no {INFO_NAME} beside "
+            f"them lists them). Every rank must know them to run the same number of steps: put an {INFO_NAME} "
+            f"next to the shards (python -m data.inspect SOURCE --write-info), or let every rank count them "
+            f"by downloading each shard once: data.count_samples=true")
+    return SplitShards(tuple(Shard(p, known[p] if p in known else count_tar_samples(p, net)) for p in paths), classes)
+
+
+def _info_beside(folder: str, net: NetOptions | None) -> dict | None:
+    """The `_info.json` in a shard folder, or None when there is none (remote: one quick try, no retries)."""
+    if source_kind(folder) == "local":
+        return load_info(folder) if os.path.isfile(os.path.join(folder, INFO_NAME)) else None
+    try:
+        return load_info(folder, dataclasses.replace(net or NetOptions(), retries=0))
+    except (OSError, ValueError):
+        return None

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.info import Shard
 from data.samples import SKIP_KINDS, SampleError, decode_sample
+from data.sources import NetOptions
 from data.stream import SkipTally, StreamPlan, read_shards, worker_batches
 
 
@@ -189,16 +190,17 @@ def skip_summary(skips: Counter | dict) -> dict[str, int]:
 class _EvalWorkers(IterableDataset):
     """Eval batches of one rank: its shards split over DataLoader workers, each sample once."""
 
-    def __init__(self, shards: list[Shard], batch_size: int, transform: Callable, num_classes: int | None):
+    def __init__(self, shards: list[Shard], batch_size: int, transform: Callable, num_classes: int | None,
+                 net: NetOptions):
         self.shards, self.batch_size = shards, batch_size
-        self.transform, self.num_classes = transform, num_classes
+        self.transform, self.num_classes, self.net = transform, num_classes, net
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         tally = SkipTally()
         images, labels, keys = [], [], []
-        for sample in read_shards(self.shards[wid::nw], tally):
+        for sample in read_shards(self.shards[wid::nw], tally, self.net):
             try:
                 image, label = decode_sample(sample, self.num_classes)
             except SampleError as e:
@@ -232,8 +234,9 @@ class EvalLoader:
 
     def __init__(self, shards: tuple[Shard, ...], batch_size: int, rank: int, world_size: int,
                  transform: Callable, num_classes: int | None = None, workers: int = 0,
-                 image_shape: tuple[int, int, int] = (3, 224, 224)):
+                 image_shape: tuple[int, int, int] = (3, 224, 224), net: NetOptions | None = None):
         self.shards, self.batch_size, self.rank, self.world_size = shards, batch_size, rank, world_size
+        self.net = net or NetOptions()
         self.transform, self.num_classes, self.workers = transform, num_classes, workers
         self.image_shape = image_shape
         self.skips: Counter = Counter()
@@ -255,7 +258,7 @@ class EvalLoader:
         nw = min(self.workers, len(shards))
         produced = 0
         if shards:
-            dataset = _EvalWorkers(shards, self.batch_size, self.transform, self.num_classes)
+            dataset = _EvalWorkers(shards, self.batch_size, self.transform, self.num_classes, self.net)
             for batch in DataLoader(dataset, batch_size=None, num_workers=nw if nw > 1 else 0,
                                     worker_init_fn=leave_stop_signals_to_the_parent):
                 self.skips.update(batch["skips"])

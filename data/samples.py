@@ -27,9 +27,10 @@ SKIP_KINDS = (
     "bad_tar",             # a tar that breaks while being read (truncated or damaged; the rest of it is lost)
     "empty_shard",         # a shard with no samples at all (an empty file or an empty tar)
     "missing_shard",       # a shard that cannot be opened (deleted or unmounted after the run started)
+    "unreachable_shard",   # a remote shard that still failed after data.net_retries (drops, 404/5xx, stalls)
 )
-# Sample-level kinds count samples; the last three count shard reads (each time a worker opens the shard).
-SHARD_KINDS = ("bad_tar", "empty_shard", "missing_shard")
+# Sample-level kinds count samples; the last four count shard reads (each time a worker opens the shard).
+SHARD_KINDS = ("bad_tar", "empty_shard", "missing_shard", "unreachable_shard")
 
 
 class SampleError(Exception):

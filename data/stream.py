@@ -22,10 +22,11 @@ from itertools import count, islice
 import numpy as np
 import torch
 from webdataset.filters import shuffle as wds_shuffle
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data.info import Shard
 from data.samples import SampleError, decode_sample, wanted_member
+from data.sources import NetOptions, ShardUnreachable, open_shard, redact
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class StreamPlan:
     seed: int = 0
     shuffle_buffer: int = 1000
     num_classes: int | None = None
+    net: NetOptions = field(default_factory=NetOptions)  # retries and timeouts of remote shards
 
     def __post_init__(self) -> None:
         needed = self.world_size * self.workers_per_rank
@@ -113,6 +115,8 @@ class SkipTally:
 
 def shard_error_kind(exn: Exception) -> str:
     """The skip kind of an error raised while opening or reading a tar (see data.samples.SKIP_KINDS)."""
+    if isinstance(exn, ShardUnreachable):
+        return "unreachable_shard"
     if isinstance(exn, FileNotFoundError):
         return "missing_shard"
     if isinstance(exn, tarfile.ReadError) and str(exn.args[0] if exn.args else "").startswith("empty file"):
@@ -120,29 +124,47 @@ def shard_error_kind(exn: Exception) -> str:
     return "bad_tar"
 
 
-def read_shards(shards: list[Shard], tally: SkipTally) -> Iterator[dict]:
+def _open(shard: Shard, net: NetOptions, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
+    """The shard as webdataset's tar reader takes it (an open stream), or nothing when it cannot be opened."""
+    try:
+        yield {"url": redact(shard.path), "stream": open_shard(shard.path, net)}
+    except Exception as e:  # noqa: BLE001 - counted by on_error like any tar error
+        on_error(e)
+
+
+def read_shards(shards: list[Shard], tally: SkipTally, net: NetOptions | None = None) -> Iterator[dict]:
     """Raw samples (bytes only, wanted fields only) of the shards, in order.
 
-    A shard that is missing, empty or breaks mid-read is counted once per read (webdataset may report
-    one broken tar several times) and the stream goes on with the next shard: never fatal, never silent.
+    A shard that is missing, unreachable, empty or breaks mid-read is counted once per read (webdataset may
+    report one broken tar several times) and the stream goes on with the next shard: never fatal, never
+    silent. Remote shards are retried and read ahead (data.sources); the next shard starts downloading while
+    this one is read.
     """
+    net = net or NetOptions()
     for shard in shards:
         errors: list[Exception] = []
+        name = redact(shard.path)
 
-        def on_tar_error(exn: Exception, errors: list[Exception] = errors, path: str = shard.path) -> bool:
+        def on_tar_error(exn: Exception, errors: list[Exception] = errors, name: str = name) -> bool:
             if not errors:
-                tally.add(shard_error_kind(exn), path)
+                tally.add(shard_error_kind(exn), name)
             errors.append(exn)
             return True  # keep going with the next member or shard
 
+        opened = list(_open(shard, net, on_tar_error))
         produced = 0
-        for sample in tarfile_samples(iter([{"url": shard.path}]), handler=on_tar_error, select_files=wanted_member):
-            if errors:
-                continue  # the sample cut off by the break: part of what the bad_tar count stands for
-            produced += 1
-            yield sample
+        try:
+            files = tar_file_expander(iter(opened), handler=on_tar_error, select_files=wanted_member)
+            for sample in group_by_keys(files, handler=on_tar_error):
+                if errors:
+                    continue  # the sample cut off by the break: part of what the bad_tar count stands for
+                produced += 1
+                yield sample
+        finally:
+            for source in opened:
+                source["stream"].close()
         if produced == 0 and not errors:
-            tally.add("empty_shard", shard.path)  # a valid tar with no members raises nothing
+            tally.add("empty_shard", name)  # a valid tar with no members raises nothing
 
 
 def raw_stream(plan: StreamPlan, epoch: int, rank: int, worker: int, tally: SkipTally) -> Iterator[dict]:
@@ -159,7 +181,7 @@ def raw_stream(plan: StreamPlan, epoch: int, rank: int, worker: int, tally: Skip
         order = shards if pass_index == 0 else rng.sample(shards, len(shards))
         initial = min(plan.shuffle_buffer, 100)
         produced = 0
-        for sample in wds_shuffle(plan.shuffle_buffer, initial, rng=rng)(read_shards(order, tally)):
+        for sample in wds_shuffle(plan.shuffle_buffer, initial, rng=rng)(read_shards(order, tally, plan.net)):
             produced += 1
             yield sample
         if produced == 0:

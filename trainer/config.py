@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from data.augment_config import AugmentConfig
+from data.sources import NetOptions
 from model.gate_types import GateType
 
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -32,13 +33,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class DataConfig(AugmentConfig):
-    """Where the shards are and how they are read; the augmentation knobs are AugmentConfig's fields."""
+class DataConfig(AugmentConfig, NetOptions):
+    """Where the shards are and how they are read. The augmentation knobs are AugmentConfig's fields, the
+    waits for remote shards NetOptions' (`connect_timeout`, `read_timeout`, `retries`, `backoff`, ...)."""
 
     train: str = ""
-    """Train shards: a directory with `_info.json` (its `train` split) or a brace pattern of tar files."""
+    """Train shards: a folder with `_info.json` (a directory, or a URL ending in `/`: http(s), s3://, gs://,
+    hf://), or a brace pattern of shards (paths and globs, URLs, `pipe:` commands)."""
     val: str = ""
-    """Eval shards: a directory (its `val` split) or a brace pattern; empty disables evaluation."""
+    """Eval shards, the same forms; empty disables evaluation."""
+    train_split: str = ""
+    """Split of a folder's `_info.json` to train on ('' = `train`)."""
+    val_split: str = ""
+    """Split to evaluate on ('' = `val`, or timm's `validation`)."""
+    count_samples: bool = False
+    """Count the samples of remote shards that no `_info.json` lists by downloading each once (every rank)."""
     batch_size: int = 64
     """Micro-batch per device (per rank)."""
     global_batch_size: int = 0
@@ -397,6 +406,13 @@ def _validate_data(d: DataConfig) -> None:
     _check(_finite(d.mixup) and d.mixup >= 0 and _finite(d.cutmix) and d.cutmix >= 0, "data.mixup/cutmix",
            (d.mixup, d.cutmix), "alphas must be >= 0")
     _check(_finite(d.crop_pct) and 0 <= d.crop_pct <= 1, "data.crop_pct", d.crop_pct, "must be in [0, 1]")
+    for name in ("connect_timeout", "read_timeout"):
+        v = getattr(d, name)
+        _check(_finite(v) and v > 0, f"data.{name}", v, "must be > 0 seconds")
+    _check(d.retries >= 0, "data.retries", d.retries, "must be >= 0")
+    for name in ("backoff", "backoff_max", "read_ahead_mb"):
+        v = getattr(d, name)
+        _check(_finite(v) and v >= 0, f"data.{name}", v, "must be >= 0")
 
 
 def _validate_optim(o: OptimConfig) -> None:
@@ -486,14 +502,22 @@ def _check_weights_file(key: str, path: str, vit: Any, allow_pickle: bool) -> No
 
 def _validate_paths(cfg: Config) -> None:
     from data.info import resolve_split
+    from data.sources import redact, source_kind
 
-    _check(bool(cfg.data.train), "data.train", cfg.data.train, "required: a shard directory or pattern")
-    for key, spec, split in (("data.train", cfg.data.train, "train"), ("data.val", cfg.data.val, "val")):
-        if not spec:
-            continue
+    d = cfg.data
+    _check(bool(d.train), "data.train", d.train, "required: a shard directory or pattern")
+    for key, spec, split in (("data.train", d.train, d.train_split or "train"),
+                             ("data.val", d.val, d.val_split or "val")):
+        if not spec or (d.count_samples and source_kind(spec) != "local"):
+            continue  # a counting pass downloads every shard: the ranks do it, not the config check
         try:
-            resolve_split(spec, split)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{key}={spec!r}: {e}") from e
+            resolve_split(spec, split, net_options(d))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key}={redact(spec)!r}: {e}") from e
     for key, path in (("model.checkpoint", cfg.model.checkpoint), ("teacher.checkpoint", cfg.teacher.checkpoint)):
         _check(not path or os.path.isfile(path), key, path, "file not found")
+
+
+def net_options(d: DataConfig) -> NetOptions:
+    """The data section's waits for remote shards as data.sources.NetOptions."""
+    return NetOptions(**{f.name: getattr(d, f.name) for f in dataclasses.fields(NetOptions)})

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 import torch
 
 from data import DeviceAugment, EvalLoader, eval_transform, resolve_split
+from data.sources import redact
 from model.bench import time_alternating
-from trainer.config import load_config
+from trainer.config import load_config, net_options
 from trainer.loop.build import build_student, resolved_augment
 from trainer.loop.eval_loop import evaluate
 
@@ -50,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, or exported .safetensors")
     p.add_argument("--data", help="shard dir or pattern (default: the run's data.val)")
-    p.add_argument("--split", default="val", help="split of a shard dir (default val)")
+    p.add_argument("--split", default="", help="split of a shard folder (default: the run's data.val_split, else "
+                   "val, or timm's validation)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--config", help="run config (default: the run's config.yaml)")
     p.add_argument("--workers", type=int, default=0)
@@ -69,14 +71,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     student = build_student(cfg, args.checkpoint).eval()
     img = cfg.model.img_size
     aug = resolved_augment(cfg, student)
-    split = resolve_split(data, args.split)
+    net = net_options(cfg.data)
+    split = resolve_split(data, args.split or cfg.data.val_split or "val", net, cfg.data.count_samples)
     loader = EvalLoader(split.shards, args.batch_size, 0, 1, eval_transform(img, aug), cfg.model.num_classes,
-                        args.workers, image_shape=(3, img, img))
+                        args.workers, image_shape=(3, img, img), net=net)
     normalize = DeviceAugment(aug, cfg.model.num_classes).normalize
     result = evaluate(student, student, loader, normalize, torch.device("cpu"), torch.float32, img)
     first = next(iter(loader))
     result.update(dense_vs_pruned_img_s(student, normalize(first["image"])))
-    result.update({"checkpoint": os.path.abspath(args.checkpoint), "data": data, "batch_size": args.batch_size,
+    result.update({"checkpoint": os.path.abspath(args.checkpoint), "data": redact(data), "batch_size": args.batch_size,
                    "arch": cfg.model.arch, "gate": cfg.prune.gate, "img_size": img})
     print(json.dumps(result))
 

@@ -16,8 +16,9 @@ import yaml
 
 from data import DeviceAugment, EvalLoader, StreamPlan, TrainLoader, eval_transform, resolve_split, train_transform
 from data.augment_config import AugmentConfig
+from data.sources import redact
 from model import PrunedViT, Teacher, count_flops, create_student, create_teacher
-from trainer.config import Config
+from trainer.config import Config, net_options
 from trainer.infra import checkpoint as ckpt
 from trainer.infra import dist, faults
 from trainer.infra.backends import Backend, create_backend
@@ -99,11 +100,12 @@ def resolved_augment(cfg: Config, student: PrunedViT) -> AugmentConfig:
 
 def build_loaders(cfg: Config, aug: AugmentConfig, device: torch.device) -> tuple[TrainLoader, EvalLoader | None]:
     """The train stream (equal steps on every rank, checked) and the exact eval loader (None without data.val)."""
-    rank, world, img = dist.rank(), dist.world_size(), cfg.model.img_size
-    plan = StreamPlan(resolve_split(cfg.data.train, "train").shards, cfg.data.batch_size, world,
-                      max(1, cfg.data.workers), cfg.train.seed, cfg.data.shuffle_buffer, cfg.model.num_classes)
+    rank, world, img, d = dist.rank(), dist.world_size(), cfg.model.img_size, cfg.data
+    net = net_options(d)
+    plan = StreamPlan(resolve_split(d.train, d.train_split or "train", net, d.count_samples).shards, d.batch_size,
+                      world, max(1, d.workers), cfg.train.seed, d.shuffle_buffer, cfg.model.num_classes, net)
     if not dist.same_on_all_ranks(plan.fingerprint(), device):
-        raise TrainingError(f"data.train={cfg.data.train!r}: the ranks found different shards (files changed during "
+        raise TrainingError(f"data.train={redact(d.train)!r}: the ranks found different shards (files changed during "
                             f"start-up, or nodes list them differently); every rank must read the same list: "
                             f"use a shard directory with _info.json, or restart once the files are in place")
     # any_rank: a skip-rate stop is taken by all ranks at the same batch, never by one alone (no hang).
@@ -112,9 +114,9 @@ def build_loaders(cfg: Config, aug: AugmentConfig, device: torch.device) -> tupl
                          use_processes=cfg.data.workers > 0, any_rank=lambda flag: dist.any_rank(flag, device))
     if not cfg.data.val:
         return loader, None
-    eval_loader = EvalLoader(resolve_split(cfg.data.val, "val").shards, cfg.data.eval_batch_size or cfg.data.batch_size,
-                             rank, world, eval_transform(img, aug), cfg.model.num_classes, cfg.data.workers,
-                             image_shape=(3, img, img))
+    val = resolve_split(d.val, d.val_split or "val", net, d.count_samples)
+    eval_loader = EvalLoader(val.shards, d.eval_batch_size or d.batch_size, rank, world, eval_transform(img, aug),
+                             cfg.model.num_classes, d.workers, image_shape=(3, img, img), net=net)
     return loader, eval_loader
 
 
@@ -181,12 +183,20 @@ def restore(run: Run, checkpoint: str) -> None:
     dist.print0(f"resumed from {checkpoint} at step {run.start_step}")
 
 
+def printable_config(cfg: Config) -> dict:
+    """The resolved config as it may be written or shown: data sources without their credentials."""
+    values = cfg.to_dict()
+    for key in ("train", "val"):
+        values["data"][key] = redact(values["data"][key])
+    return values
+
+
 def write_config(cfg: Config) -> None:
-    """`<run>/config.yaml`, the resolved config (rank 0)."""
+    """`<run>/config.yaml`, the resolved config (rank 0), credentials redacted."""
     if dist.rank() == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            yaml.safe_dump(printable_config(cfg), f, sort_keys=False)
 
 
 def build_run(cfg: Config) -> Run:

@@ -12,7 +12,7 @@ from trainer.config import Config
 from trainer.infra import checkpoint as ckpt
 from trainer.infra import dist, faults
 from trainer.infra.preemption import GracefulStop
-from trainer.loop.build import Run, build_run
+from trainer.loop.build import Run, build_run, printable_config
 from trainer.loop.eval_loop import evaluate
 from trainer.loop.metrics import KeyLog, MetricsLogger, write_json
 from trainer.loop.optim import apply_lr
@@ -28,7 +28,7 @@ def train(cfg: Config) -> dict:
     run = build_run(cfg)
     backend, step = run.backend, run.start_step
     log = MetricsLogger(cfg.run_dir, dist.rank() == 0, run.steps, step, cfg.log.tensorboard, cfg.log.progress)
-    log.text("config", "```yaml\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```")
+    log.text("config", "```yaml\n" + yaml.safe_dump(printable_config(cfg), sort_keys=False) + "\n```")
     keys_log = KeyLog(cfg.run_dir, dist.rank(), step) if cfg.data.log_keys else None
     bad = BadSteps(cfg.train.max_bad_steps, cfg.precision == "fp16", run.bad_steps, run.skipped_steps)
     window = MetricsWindow()

@@ -1,0 +1,141 @@
+"""Shards from where users keep them: timm's split names, HTTP(S) folders and patterns, `pipe:` commands, and
+the network faults (drops, 404/500, stalls) retried, counted and redacted. The server is data.http_server on
+127.0.0.1 serving real shards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from data.http_server import ServerFaults, ShardServer
+from data.info import resolve_split, write_info
+from data.sources import NetOptions, RetryingReader, ShardUnreachable, open_shard, redact
+from data.stream import SkipTally, read_shards
+from tests.helpers import make_shards
+
+FAST = NetOptions(connect_timeout=5, read_timeout=1.0, retries=3, backoff=0.01, backoff_max=0.05)
+
+
+def timm_layout(root: str, train: int = 4, val: int = 2, per_shard: int = 8) -> dict[str, list[str]]:
+    """Shards named and indexed like timm/imagenet-1k-wds: imagenet1k-{train,validation}-NNNN.tar + _info.json."""
+    names: dict[str, list[str]] = {}
+    for split, count in (("train", train), ("validation", val)):
+        paths = make_shards(root, [per_shard] * count, num_classes=4, prefix=f"imagenet1k-{split}")
+        names[split] = []
+        for k, path in enumerate(paths):
+            name = f"imagenet1k-{split}-{k:04d}.tar"
+            os.replace(path, os.path.join(root, name))
+            names[split].append(name)
+    write_info(root, {"name": "imagenet-1k-wds", "splits": {
+        split: {"name": split, "filenames": files, "shard_lengths": [per_shard] * len(files),
+                "num_samples": per_shard * len(files)} for split, files in names.items()}})
+    return names
+
+
+@pytest.fixture
+def layout(tmp_path):
+    root = str(tmp_path / "wds")
+    timm_layout(root)
+    return root
+
+
+def test_redact_removes_credentials_from_urls_and_pipe_commands():
+    assert redact("https://user:secret@host/x/") == "https://***@host/x/"
+    assert redact("https://bucket.s3.amazonaws.com/a.tar?X-Amz-Signature=abc&X-Amz-Credential=k") == \
+        "https://bucket.s3.amazonaws.com/a.tar?***"
+    cmd = "pipe:curl -s -L -H 'Authorization: Bearer hf_abcdef' https://huggingface.co/x/{0..3}.tar"
+    assert redact(cmd) == "pipe:curl -s -L -H 'Authorization: ***' https://huggingface.co/x/{0..3}.tar"
+    assert "hunter2" not in redact("pipe:curl --user me:hunter2 https://h/a.tar")
+    assert redact("/data/imagenet/train-{0000..0009}.tar") == "/data/imagenet/train-{0000..0009}.tar"
+
+
+def test_timm_split_names_work_without_settings(layout):
+    assert len(resolve_split(layout, "val").shards) == 2  # ours, finding timm's "validation"
+    assert len(resolve_split(layout, "validation").shards) == 2
+    assert resolve_split(layout, "train").num_samples == 32
+    with pytest.raises(ValueError, match="no split 'test'.*data.train_split"):
+        resolve_split(layout, "test")
+
+
+def test_a_partial_download_says_how_to_train_on_the_shards_present(layout):
+    os.remove(os.path.join(layout, "imagenet1k-train-0003.tar"))
+    partial = r"1 of the 4 shard\(s\).*train on the 3 present.*imagenet1k-train-\*\.tar"
+    with pytest.raises(FileNotFoundError, match=partial):
+        resolve_split(layout, "train")
+    present = resolve_split(os.path.join(layout, "imagenet1k-train-*.tar"), "train")
+    assert [s.num_samples for s in present.shards] == [8, 8, 8]
+
+
+def test_http_folder_and_url_patterns_resolve_with_counts_from_info_json(layout):
+    with ShardServer(layout) as server:
+        folder = resolve_split(server.url, "val", FAST)
+        assert [s.path for s in folder.shards] == [server.url + f"imagenet1k-validation-{k:04d}.tar" for k in (0, 1)]
+        pattern = resolve_split(server.url + "imagenet1k-train-{0000..0003}.tar", "train", FAST)
+        assert [s.num_samples for s in pattern.shards] == [8, 8, 8, 8]
+
+
+def test_remote_shards_without_counts_are_refused_unless_counted(layout):
+    os.remove(os.path.join(layout, "_info.json"))
+    with ShardServer(layout) as server:
+        spec = server.url + "imagenet1k-train-{0000..0003}.tar"
+        with pytest.raises(ValueError, match="sample counts of 4 remote shard.*data.count_samples=true"):
+            resolve_split(spec, "train", FAST)
+        assert resolve_split(spec, "train", FAST, count_samples=True).num_samples == 32
+    pipe = "pipe:cat " + os.path.join(layout, "imagenet1k-train-{0000..0003}.tar")
+    assert [s.num_samples for s in resolve_split(pipe, "train", FAST, count_samples=True).shards] == [8] * 4
+
+
+@pytest.mark.parametrize("fault", ["drop", "500", "404", "stall"])
+def test_each_network_fault_is_retried_and_the_bytes_come_out_whole(layout, fault):
+    name = "imagenet1k-train-0000.tar"
+    with open(os.path.join(layout, name), "rb") as f:
+        expected = f.read()
+    faults = ServerFaults(first={name: (fault, 2)}, stall_s=5)
+    with ShardServer(layout, faults) as server:
+        reader = RetryingReader(server.url + name, FAST)
+        got = b"".join(iter(lambda: reader.read(1 << 16), b""))
+    assert got == expected
+    assert reader.retried == 2 and faults.requests[name] == 3
+    print(f"{fault}: 2 failures retried, {len(got)} bytes whole")
+
+
+def test_a_shard_that_keeps_failing_is_skipped_and_counted_once_and_the_rest_streams(layout):
+    bad = "imagenet1k-train-0001.tar"
+    faults = ServerFaults(first={bad: ("500", 100)})
+    with ShardServer(layout, faults) as server:
+        shards = resolve_split(server.url, "train", FAST).shards
+        tally = SkipTally()
+        samples = list(read_shards(list(shards), tally, FAST))
+        with pytest.raises(ShardUnreachable, match=r"imagenet1k-train-0001.tar: gave up after 3 retries"):
+            open_shard(server.url + bad, FAST).read()
+    assert len(samples) == 24 and dict(tally.by_kind) == {"unreachable_shard": 1}
+    assert faults.requests[bad] == 1 + FAST.retries + 1 + FAST.retries  # the stream's reads, then the direct one
+
+
+def test_pipe_sources_stream_and_a_failing_command_is_counted(layout):
+    good = "pipe:cat " + os.path.join(layout, "imagenet1k-train-0000.tar")
+    bad = "pipe:cat " + os.path.join(layout, "no-such-shard.tar")
+    from data.info import Shard
+
+    tally = SkipTally()
+    samples = list(read_shards([Shard(good, 8), Shard(bad, 8)], tally, FAST))
+    assert len(samples) == 8 and dict(tally.by_kind) == {"unreachable_shard": 1}
+    assert all(s["__url__"] == good for s in samples)
+
+
+def test_credentials_in_a_source_never_reach_the_skip_records(layout, tmp_path):
+    from data.info import Shard
+
+    secret = "pipe:curl -s -H 'Authorization: Bearer TOPSECRET' http://127.0.0.1:9/none.tar"
+    tally = SkipTally()
+    list(read_shards([Shard(secret, 8)], tally, NetOptions(retries=0, read_timeout=2)))
+    assert tally.by_kind["unreachable_shard"] == 1
+    assert not any("TOPSECRET" in shard for shard in tally.by_shard), dict(tally.by_shard)
+
+
+def test_local_copies_still_read_directly(layout):
+    shutil.copy(os.path.join(layout, "imagenet1k-train-0000.tar"), os.path.join(layout, "copy.tar"))
+    with open_shard(os.path.join(layout, "copy.tar")) as stream:
+        assert stream.read(4)
