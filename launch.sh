@@ -62,8 +62,11 @@ if [[ "$launcher" == slurm ]]; then
   (( per_node >= 1 )) || per_node=1
   export MASTER_ADDR=${master_addr:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
   export MASTER_PORT=$master_port
+  # No --kill-on-bad-exit: ranks that stop on a signal exit 75 a moment apart, and srun would kill the later
+  # ones mid-exit (and report their signal instead of 75). A rank that crashes fails its peers' next
+  # collective, so they end too.
   exec srun --nodes "$num_nodes" --ntasks "$(( num_nodes * per_node ))" --ntasks-per-node "$per_node" \
-    --kill-on-bad-exit=1 "$PYTHON" -u "$self" --num_nodes "$num_nodes" "${args[@]}"
+    "$PYTHON" -u "$self" --num_nodes "$num_nodes" "${args[@]}"
 fi
 
 ds=(-m deepspeed.launcher.runner --num_nodes "$num_nodes" --master_port "$master_port")

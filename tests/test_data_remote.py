@@ -139,3 +139,48 @@ def test_local_copies_still_read_directly(layout):
     shutil.copy(os.path.join(layout, "imagenet1k-train-0000.tar"), os.path.join(layout, "copy.tar"))
     with open_shard(os.path.join(layout, "copy.tar")) as stream:
         assert stream.read(4)
+
+
+def _inspect(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "data.inspect", *args], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_inspect_prints_splits_counts_and_the_first_sample_locally_and_over_http(layout):
+    import json
+
+    local = _inspect(layout, "--split", "val")
+    assert local.returncode == 0, local.stderr
+    report = json.loads(local.stdout)
+    assert report["splits"] == {"train": {"shards": 4, "samples": 32}, "validation": {"shards": 2, "samples": 16}}
+    assert report["samples"] == 16 and report["first_sample"]["image_size"] == [40, 36]
+    assert set(report["first_sample"]["fields"]) == {"jpg", "cls"}
+    with ShardServer(layout) as server:
+        remote = json.loads(_inspect(server.url).stdout)
+    assert remote["shards"] == 4 and remote["first_sample"]["label"] in {"0", "1", "2", "3"}
+
+
+def test_inspect_counts_a_pattern_and_writes_an_index_that_training_then_uses(layout, tmp_path):
+    import json
+
+    os.remove(os.path.join(layout, "_info.json"))
+    with ShardServer(layout) as server:
+        spec = server.url + "imagenet1k-train-{0000..0003}.tar"
+        refused = _inspect(spec)
+        assert refused.returncode == 2 and "data.count_samples=true" in refused.stderr
+        wrote = _inspect(spec, "--write-info", layout)
+        assert wrote.returncode == 0, wrote.stderr
+        assert json.loads(wrote.stdout)["samples"] == 32
+        assert resolve_split(spec, "train", FAST).num_samples == 32  # now from the _info.json beside them
+
+
+def test_inspect_fails_cleanly_on_unreachable_and_malformed_sources(tmp_path):
+    (tmp_path / "not-a-tar.tar").write_bytes(b"hello, I am not a tar file" * 100)
+    bad = _inspect(str(tmp_path / "not-a-tar.tar"), "--retries", "0")
+    assert bad.returncode == 2 and "not-a-tar.tar" in bad.stderr and "Traceback" not in bad.stderr
+    gone = _inspect("http://user:pw@127.0.0.1:9/shards/", "--retries", "0")
+    assert gone.returncode == 2 and "Traceback" not in gone.stderr
+    assert "pw" not in gone.stderr and "***@127.0.0.1:9" in gone.stderr, gone.stderr

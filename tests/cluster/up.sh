@@ -56,6 +56,8 @@ SchedulerType=sched/backfill
 ReturnToService=2
 MpiDefault=none
 KillWait=30
+# Credentials live 10 s instead of 120: SLURM holds a requeued job for that long (the preemption test requeues).
+AuthInfo=cred_expire=10
 NodeName=node[1-2] NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=4000 Port=17001-17002
 PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE
 CONF
