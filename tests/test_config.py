@@ -104,3 +104,12 @@ def test_ds_config_auto_fields_are_filled_and_conflicts_rejected(tmp_path, shard
     stage4.write_text(json.dumps({"zero_optimization": {"stage": 4}}))
     with pytest.raises(ConfigError, match="stage"):
         validate(_cfg(shard_dir, f"backend.ds_config={stage4}"))
+
+
+def test_a_set_value_with_a_colon_stays_text():
+    """A pipe: source with a curl header ("Authorization: Bearer ...") is a string, not a YAML mapping."""
+    from trainer.config import parse_override
+
+    key, value = parse_override("data.train=pipe:curl -s -H 'Authorization: Bearer x' https://h/a-{0..3}.tar")
+    assert key == "data.train" and value == "pipe:curl -s -H 'Authorization: Bearer x' https://h/a-{0..3}.tar"
+    assert parse_override("model.kwargs={depth: 4}")[1] == {"depth": 4}

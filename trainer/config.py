@@ -288,6 +288,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw  # "a: b" inside a value (a curl header in a pipe: source) is text, not a mapping
     return key.strip(), value
 
 
