@@ -86,3 +86,46 @@ def test_a_shard_failing_on_one_ranks_share_is_counted_and_both_ranks_still_agre
     last = train_records(run_dir)[STEPS]
     assert last["data/skipped_unreachable_shard"] == summary["skipped_samples"]["unreachable_shard"]
     print(f"unreachable_shard counted {summary['skipped_samples']['unreachable_shard']} time(s); {STEPS} steps")
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(layout):
+    """The shards in a bucket of moto's S3 server on 127.0.0.1; yields the environment that points AWS tools at it."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="shards")
+    for name in os.listdir(layout):
+        s3.upload_file(os.path.join(layout, name), "shards", f"imagenet-wds/{name}")
+    yield env
+    server.stop()
+
+
+def test_two_ranks_train_and_evaluate_from_s3(s3_bucket, tmp_path):
+    """s3://bucket/folder/ through fsspec (s3fs), credentials and endpoint from the AWS environment."""
+    run_dir = str(tmp_path / "s3")
+    run_training("torchrun", 2, _overrides("s3://shards/imagenet-wds/", run_dir, "train.steps=4", "ckpt.every=4"),
+                 env=s3_bucket)
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["steps"] == 4 and summary["count"] == 16
+    assert sum(summary["skipped_samples"].values()) == 0
+    print(f"s3: 4 steps on 2 ranks, eval of {summary['count']:.0f} validation samples")
+
+
+def test_a_missing_fsspec_says_how_to_install_it():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['fsspec'] = None\n"
+            "from data.info import resolve_split\nresolve_split('s3://b/x/', 'train')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode != 0 and "pip install 'prunevit[remote]'" in done.stderr, done.stderr[-2000:]

@@ -514,7 +514,7 @@ def _validate_paths(cfg: Config) -> None:
             continue  # a counting pass downloads every shard: the ranks do it, not the config check
         try:
             resolve_split(spec, split, net_options(d))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ImportError) as e:  # ImportError: an fsspec protocol not installed
             raise ConfigError(f"{key}={redact(spec)!r}: {e}") from e
     for key, path in (("model.checkpoint", cfg.model.checkpoint), ("teacher.checkpoint", cfg.teacher.checkpoint)):
         _check(not path or os.path.isfile(path), key, path, "file not found")
