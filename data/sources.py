@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from data.cache import open_cached
+
 FSSPEC_SCHEMES = ("s3", "gs", "gcs", "hf", "az", "abfs")
 FSSPEC_EXTRA = "pip install 'prunevit[remote]'  (fsspec, s3fs; gcsfs or huggingface_hub for gs:// and hf://)"
 
@@ -48,6 +50,10 @@ class NetOptions:
     """Longest wait between two retries."""
     read_ahead_mb: float = 32.0
     """Bytes of each shard read ahead in the background (per open shard)."""
+    cache_dir: str = ""
+    """Keep a copy of every remote shard read to the end here; later reads take it from disk ('' = no cache)."""
+    cache_max_gb: float = 100.0
+    """Size bound of cache_dir: the least recently used shards are deleted beyond it."""
 
 
 class ShardUnreachable(OSError):
@@ -277,8 +283,12 @@ def open_shard(url: str, opts: NetOptions | None = None) -> BinaryIO:
     opts = opts or NetOptions()
     if source_kind(url) == "local":
         return _open_local(url, 0, opts)
-    reader = io.BufferedReader(RetryingReader(url, opts), buffer_size=1 << 20)
-    return io.BufferedReader(ReadAhead(reader, int(opts.read_ahead_mb * 2**20)), buffer_size=1 << 16)
+
+    def retrying(u: str) -> BinaryIO:
+        return io.BufferedReader(RetryingReader(u, opts), buffer_size=1 << 20)
+
+    stream = open_cached(url, opts.cache_dir, opts.cache_max_gb, retrying) if opts.cache_dir else retrying(url)
+    return io.BufferedReader(ReadAhead(stream, int(opts.read_ahead_mb * 2**20)), buffer_size=1 << 16)
 
 
 def read_bytes(url: str, opts: NetOptions | None = None) -> bytes:

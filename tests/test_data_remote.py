@@ -184,3 +184,51 @@ def test_inspect_fails_cleanly_on_unreachable_and_malformed_sources(tmp_path):
     gone = _inspect("http://user:pw@127.0.0.1:9/shards/", "--retries", "0")
     assert gone.returncode == 2 and "Traceback" not in gone.stderr
     assert "pw" not in gone.stderr and "***@127.0.0.1:9" in gone.stderr, gone.stderr
+
+
+def test_the_cache_serves_later_reads_from_disk_and_stays_within_its_bound(layout, tmp_path):
+    from dataclasses import replace
+
+    from data.cache import cache_path
+
+    cache = str(tmp_path / "cache")
+    names = [f"imagenet1k-train-{k:04d}.tar" for k in range(4)]
+    size = os.path.getsize(os.path.join(layout, names[0]))
+    opts = NetOptions(retries=1, backoff=0.01, cache_dir=cache, cache_max_gb=2.5 * size / 2**30)  # room for 2
+    faults = ServerFaults()
+    with ShardServer(layout, faults) as server:
+        for name in names[:2]:
+            with open_shard(server.url + name, opts) as stream:
+                assert stream.read() == open(os.path.join(layout, name), "rb").read()
+        assert sorted(os.listdir(cache)) == sorted(os.path.basename(cache_path(cache, server.url + n))
+                                                   for n in names[:2])
+        with open_shard(server.url + names[0], opts) as stream:  # a hit: no request, and now the newest
+            stream.read()
+        assert faults.requests[names[0]] == 1
+        for name in names[2:]:
+            with open_shard(server.url + name, opts) as stream:
+                stream.read()
+        kept = sorted(os.listdir(cache))
+        faults.first[names[1]] = ("drop", 1)  # a broken read (no retries left): never published
+        with pytest.raises(ShardUnreachable), open_shard(server.url + names[1], replace(opts, retries=0)) as broken:
+            broken.read()
+    assert len(kept) == 2 and os.path.basename(cache_path(cache, server.url + names[3])) in kept
+    assert sorted(os.listdir(cache)) == kept, "a broken read left a file in the cache"
+    assert sum(os.path.getsize(os.path.join(cache, n)) for n in kept) <= 2.5 * size
+
+
+def test_ranks_filling_the_cache_at_once_leave_one_complete_copy(layout, tmp_path):
+    import subprocess
+    import sys
+
+    cache = str(tmp_path / "cache")
+    name = "imagenet1k-train-0000.tar"
+    with ShardServer(layout, ServerFaults(bytes_per_s=200_000)) as server:
+        code = (f"from data.sources import NetOptions, open_shard\n"
+                f"s = open_shard({server.url + name!r}, NetOptions(cache_dir={cache!r})); s.read(); s.close()")
+        procs = [subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__)))) for _ in range(3)]
+        assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
+    files = os.listdir(cache)
+    assert len(files) == 1 and not files[0].endswith(".part")
+    assert open(os.path.join(cache, files[0]), "rb").read() == open(os.path.join(layout, name), "rb").read()

@@ -3,11 +3,13 @@
     python -m trainer.bench inference  --arch deit_small_patch16_224 --gate dynamicvit --keep-ratio 0.7 --batch-size 16
     python -m trainer.bench train-step --arch deit_small_patch16_224 --gate dynamicvit --batch-size 16
     python -m trainer.bench data       --img-size 384 --workers 1 [--data IMAGEFOLDER]
+    python -m trainer.bench data       --source http [--latency-ms 50] [--mb-per-s 20]
 
 inference: dense vs pruned eval img/s side by side, and the analytic GMACs ratio (the physical limit).
 train-step: forward+backward of the dense and the gated student and the teacher forward, side by side;
             img/s of the distillation step, and MFU on GPUs with a known peak (H100, H200, A100).
-data: decoded+augmented img/s per worker, our shard pipeline vs timm's ImageFolder loader.
+data: decoded+augmented img/s per worker, our shard pipeline vs timm's ImageFolder loader; with --source http,
+      the same loader over a slow loopback HTTP server vs local disk (data.bench_stream).
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args or args[0] not in BENCHES:
         print(__doc__, file=sys.stderr)
         sys.exit(2)
-    if args[0] == "data":
+    if args[0] == "data" and any(a == "--source" or a.startswith("--source=") for a in args):
+        from data.bench_stream import main as stream_main
+
+        stream_main(args[1:])
+    elif args[0] == "data":
         from data.bench import main as data_main
 
         data_main(args[1:])

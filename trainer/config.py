@@ -412,7 +412,7 @@ def _validate_data(d: DataConfig) -> None:
         v = getattr(d, name)
         _check(_finite(v) and v > 0, f"data.{name}", v, "must be > 0 seconds")
     _check(d.retries >= 0, "data.retries", d.retries, "must be >= 0")
-    for name in ("backoff", "backoff_max", "read_ahead_mb"):
+    for name in ("backoff", "backoff_max", "read_ahead_mb", "cache_max_gb"):
         v = getattr(d, name)
         _check(_finite(v) and v >= 0, f"data.{name}", v, "must be >= 0")
 
