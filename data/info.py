@@ -11,8 +11,10 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import tarfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
@@ -141,13 +143,13 @@ def _from_pattern(spec: str, net: NetOptions | None, count_samples: bool) -> Spl
         paths = list(braceexpand(spec))
     known: dict[str, int] = {}
     classes: tuple[str, ...] = ()
-    folder = parent(paths[0])
-    info = _info_beside(folder, net) if source_kind(paths[0]) != "pipe" else None
+    info_source, shard_source = _index_beside(paths[0])
+    info = _info_beside(info_source, net) if info_source else None
     if info is not None:
         classes = tuple(info.get("classes", ()))
         for entry in info["splits"].values():
             for name, n in zip(entry["filenames"], entry["shard_lengths"], strict=True):
-                known[join(folder, name)] = int(n)
+                known[shard_source(name)] = int(n)
     unknown = [p for p in paths if p not in known]
     remote = [p for p in unknown if source_kind(p) != "local"]
     if remote and not count_samples:
@@ -159,11 +161,32 @@ def _from_pattern(spec: str, net: NetOptions | None, count_samples: bool) -> Spl
     return SplitShards(tuple(Shard(p, known[p] if p in known else count_tar_samples(p, net)) for p in paths), classes)
 
 
-def _info_beside(folder: str, net: NetOptions | None) -> dict | None:
-    """The `_info.json` in a shard folder, or None when there is none (remote: one quick try, no retries)."""
-    if source_kind(folder) == "local":
-        return load_info(folder) if os.path.isfile(os.path.join(folder, INFO_NAME)) else None
+_SHARD_IN_COMMAND = re.compile(r"(\S*/)([^/\s'\"]+\.tar)")
+
+
+def _index_beside(first: str) -> tuple[str, Callable[[str], str]]:
+    """(where the `_info.json` beside a pattern's first shard is, how a listed shard name becomes a source).
+
+    For a `pipe:` command the index is fetched by the same command with the shard's file name swapped for
+    `_info.json`, so a curl header or an aws profile in it applies to the index too; ("", ...) when the
+    command names no .tar."""
+    if source_kind(first) != "pipe":
+        folder = parent(first)
+        return join(folder, INFO_NAME), lambda name: join(folder, name)
+    found = _SHARD_IN_COMMAND.search(first)
+    if found is None:
+        return "", lambda name: name
+    start, end = found.span(2)
+    return first[:start] + INFO_NAME + first[end:], lambda name: first[:start] + name + first[end:]
+
+
+def _info_beside(source: str, net: NetOptions | None) -> dict | None:
+    """The `_info.json` at `source`, or None when there is none (remote: one quick try, no retries)."""
+    if source_kind(source) == "local":
+        return load_info(parent(source)) if os.path.isfile(source) else None
     try:
-        return load_info(folder, dataclasses.replace(net or NetOptions(), retries=0))
+        text = read_bytes(source, dataclasses.replace(net or NetOptions(), retries=0)).decode()
+        info = json.loads(text)
+        return info if "splits" in info else None
     except (OSError, ValueError):
         return None

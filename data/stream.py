@@ -26,7 +26,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data.info import Shard
 from data.samples import SampleError, decode_sample, wanted_member
-from data.sources import NetOptions, ShardUnreachable, open_shard, redact
+from data.sources import NetOptions, ShardUnreachable, open_shard, redact, source_kind
 
 
 @dataclass(frozen=True)
@@ -124,12 +124,12 @@ def shard_error_kind(exn: Exception) -> str:
     return "bad_tar"
 
 
-def _open(shard: Shard, net: NetOptions, on_error: Callable[[Exception], bool]) -> Iterator[dict]:
-    """The shard as webdataset's tar reader takes it (an open stream), or nothing when it cannot be opened."""
+def _try_open(shard: Shard, net: NetOptions) -> dict | Exception:
+    """The shard as webdataset's tar reader takes it (an open stream), or the error that kept it closed."""
     try:
-        yield {"url": redact(shard.path), "stream": open_shard(shard.path, net)}
-    except Exception as e:  # noqa: BLE001 - counted by on_error like any tar error
-        on_error(e)
+        return {"url": redact(shard.path), "stream": open_shard(shard.path, net)}
+    except Exception as e:  # noqa: BLE001 - counted by the caller like any tar error
+        return e
 
 
 def read_shards(shards: list[Shard], tally: SkipTally, net: NetOptions | None = None) -> Iterator[dict]:
@@ -137,34 +137,47 @@ def read_shards(shards: list[Shard], tally: SkipTally, net: NetOptions | None = 
 
     A shard that is missing, unreachable, empty or breaks mid-read is counted once per read (webdataset may
     report one broken tar several times) and the stream goes on with the next shard: never fatal, never
-    silent. Remote shards are retried and read ahead (data.sources); the next shard starts downloading while
-    this one is read.
+    silent. Remote shards are retried and read ahead (data.sources), and the next remote shard starts
+    downloading when this one opens: two connections per worker hide a server's latency and per-connection cap.
     """
     net = net or NetOptions()
-    for shard in shards:
-        errors: list[Exception] = []
-        name = redact(shard.path)
+    ahead: dict | Exception | None = None
+    try:
+        for index, shard in enumerate(shards):
+            source = ahead if ahead is not None else _try_open(shard, net)
+            following = shards[index + 1] if index + 1 < len(shards) else None
+            ahead = _try_open(following, net) if following and source_kind(following.path) != "local" else None
+            yield from _samples_of(source, redact(shard.path), tally)
+    finally:
+        if isinstance(ahead, dict):  # the consumer stopped early: drop the prefetched shard too
+            ahead["stream"].close()
 
-        def on_tar_error(exn: Exception, errors: list[Exception] = errors, name: str = name) -> bool:
-            if not errors:
-                tally.add(shard_error_kind(exn), name)
-            errors.append(exn)
-            return True  # keep going with the next member or shard
 
-        opened = list(_open(shard, net, on_tar_error))
-        produced = 0
-        try:
-            files = tar_file_expander(iter(opened), handler=on_tar_error, select_files=wanted_member)
-            for sample in group_by_keys(files, handler=on_tar_error):
-                if errors:
-                    continue  # the sample cut off by the break: part of what the bad_tar count stands for
-                produced += 1
-                yield sample
-        finally:
-            for source in opened:
-                source["stream"].close()
-        if produced == 0 and not errors:
-            tally.add("empty_shard", name)  # a valid tar with no members raises nothing
+def _samples_of(source: dict | Exception, name: str, tally: SkipTally) -> Iterator[dict]:
+    """One opened shard's samples; its errors are counted once under `name`."""
+    errors: list[Exception] = []
+
+    def on_tar_error(exn: Exception) -> bool:
+        if not errors:
+            tally.add(shard_error_kind(exn), name)
+        errors.append(exn)
+        return True  # keep going with the next member or shard
+
+    if isinstance(source, Exception):
+        on_tar_error(source)
+        return
+    produced = 0
+    try:
+        files = tar_file_expander(iter([source]), handler=on_tar_error, select_files=wanted_member)
+        for sample in group_by_keys(files, handler=on_tar_error):
+            if errors:
+                continue  # the sample cut off by the break: part of what the bad_tar count stands for
+            produced += 1
+            yield sample
+    finally:
+        source["stream"].close()
+    if produced == 0 and not errors:
+        tally.add("empty_shard", name)  # a valid tar with no members raises nothing
 
 
 def raw_stream(plan: StreamPlan, epoch: int, rank: int, worker: int, tally: SkipTally) -> Iterator[dict]:

@@ -232,3 +232,15 @@ def test_ranks_filling_the_cache_at_once_leave_one_complete_copy(layout, tmp_pat
     files = os.listdir(cache)
     assert len(files) == 1 and not files[0].endswith(".part")
     assert open(os.path.join(cache, files[0]), "rb").read() == open(os.path.join(layout, name), "rb").read()
+
+
+def test_a_pipe_pattern_reads_its_counts_with_the_same_command(layout):
+    """`pipe:curl -H ... https://host/x/shard-{..}.tar`: the index is fetched by the same command, so the header
+    (or an aws profile) applies to it too; here with cat and a local folder."""
+    spec = "pipe:cat " + os.path.join(layout, "imagenet1k-train-{0000..0003}.tar")
+    split = resolve_split(spec, "train", FAST)
+    assert [s.num_samples for s in split.shards] == [8] * 4
+    assert split.shards[0].path == "pipe:cat " + os.path.join(layout, "imagenet1k-train-0000.tar")
+    with ShardServer(layout) as server:
+        curl = f"pipe:curl -s -f -H 'Authorization: Bearer x' {server.url}imagenet1k-train-{{0000..0003}}.tar"
+        assert resolve_split(curl, "train", FAST).num_samples == 32

@@ -7,11 +7,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from data.http_server import ServerFaults, ShardServer
-from tests.launch import read_keys, run_training, train_records
+from tests.launch import REPO, read_keys, run_training, train_records
 from tests.test_data_remote import timm_layout
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -43,6 +45,11 @@ def test_two_ranks_train_over_http_and_a_killed_run_resumes_exactly(layout, tmp_
                               check=False)
         assert killed.returncode != 0
         resumed = run_training("torchrun", 2, _overrides(server.url, run))
+        # trainer.evaluate agrees with training: the same folder URL, timm's "validation" found without settings.
+        evaluated = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--checkpoint", run, "--data",
+                                    server.url], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["count"] == 16
     assert "at step 3" in resumed.stdout
     a, b = train_records(ref), train_records(run)
     for step in range(1, STEPS + 1):
