@@ -201,13 +201,19 @@ def _kill_node(node_var: str, node: int, timeout: float = 60) -> int:
     raise AssertionError(f"no process with {node_var}={node} found")
 
 
+def _start(cmd: list[str], workdir, run: str, fault: str) -> tuple[subprocess.Popen, object]:
+    """Start a launch in the background with PRUNEVIT_FAULT armed; returns it and its log (`<run>.log`)."""
+    log = workdir / f"{run}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=_env(PRUNEVIT_FAULT=fault), stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+    return proc, log
+
+
 def _kill_node_then_resume(workdir, cmd: list[str], run: str, node_var: str, reference: dict) -> None:
     """Node 1's rank pauses after step 5 (checkpoints 2 and 4 complete); its processes are killed; the job
     fails; the same command resumes from step 4 and ends with the reference losses."""
-    log = workdir / f"{run}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=_env(PRUNEVIT_FAULT="after_step:5:1:pause"), stdout=out,
-                                stderr=subprocess.STDOUT, text=True)
+    proc, log = _start(cmd, workdir, run, "after_step:5:1:pause")
     try:
         deadline = time.time() + 180
         while "pause at after_step step 5" not in log.read_text():
@@ -238,10 +244,7 @@ def test_usr1_to_the_ranks_of_a_hostfile_launch_stops_them_with_a_checkpoint(wor
     """DeepSpeed's launcher kills its ranks on SIGTERM, so the README says: signal the ranks over pdsh."""
     cmd = ["bash", LAUNCH_SH, "--num_nodes", "2", "--hostfile", "hosts", "--master_port", str(free_port()),
            *_args("pdsh_usr1")]
-    log = workdir / "pdsh_usr1.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=_env(PRUNEVIT_FAULT="after_step:5:*:hold"), stdout=out,
-                                stderr=subprocess.STDOUT, text=True)
+    proc, log = _start(cmd, workdir, "pdsh_usr1", "after_step:5:*:hold")
     try:
         _wait_for(lambda: log.read_text().count("hold at after_step step 5") == 2, "both ranks hold")
         subprocess.run(["pdsh", "-w", "node-a,node-b", "pkill -USR1 -f '[l]aunch.sh --local_rank'"], check=True,
@@ -318,10 +321,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_with_a_checkpoint_and_the_rerun_re
     """Without SLURM: SIGTERM to torchrun, which forwards it to its ranks (30 s before it kills them)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "-m", "trainer.train", *_args("torchrun_sigterm")]
-    log = workdir / "torchrun_sigterm.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=_env(PRUNEVIT_FAULT="after_step:5:*:hold"), stdout=out,
-                                stderr=subprocess.STDOUT, text=True)
+    proc, log = _start(cmd, workdir, "torchrun_sigterm", "after_step:5:*:hold")
     try:
         _wait_for(lambda: log.read_text().count("hold at after_step step 5") == 2, "both ranks hold")
         proc.send_signal(signal.SIGTERM)
