@@ -10,6 +10,7 @@ passes `allow_pickle=True` (config: `ckpt.allow_pickle=true`).
 from __future__ import annotations
 
 import argparse
+import logging
 import pickle
 import re
 import sys
@@ -24,6 +25,7 @@ from torch import nn
 # Containers seen in the wild: DeiT {"model": ...}, Lightning {"state_dict": ...}, DeepSpeed {"module": ...}.
 _WRAPPER_KEYS = ("model", "state_dict", "module")
 _MAX_LISTED = 12
+_log = logging.getLogger(__name__)
 
 
 ALLOW_PICKLE_HINT = "ckpt.allow_pickle=true (--set ckpt.allow_pickle=true; allow_pickle=True in Python)"
@@ -114,16 +116,17 @@ def _listed(keys: list[str]) -> str:
     return ", ".join(keys[:_MAX_LISTED]) + more
 
 
-def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    """load_state_dict(strict=True), failing first with a ValueError that names every bad key and shape."""
-    check_strict(module, sd, what)
-    module.load_state_dict(sd, strict=True)
+def load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str, keep_init: Iterable[str] = ()) -> None:
+    """load_state_dict, failing first with a ValueError that names every bad key and shape; only the keys in
+    `keep_init` (a re-initialised classifier) may be absent from sd."""
+    check_strict(module, sd, what, keep_init)
+    module.load_state_dict(sd, strict=not keep_init)
 
 
-def check_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+def check_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str, keep_init: Iterable[str] = ()) -> None:
     """ValueError naming every missing, unexpected or mis-shaped key; works on a meta-device module."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
+    missing = sorted(set(own) - set(sd) - set(keep_init))
     unexpected = sorted(set(sd) - set(own))
     shapes = [
         f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -148,22 +151,43 @@ def _filtered(vit: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return filter_fn(sd, vit)
 
 
-def load_vit_weights(vit: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Load timm-format weights through timm's own filter (pos-embed resize, conv patch embed) strictly."""
-    load_strict(vit, _filtered(vit, sd), what=f"weights into {type(vit).__name__}")
+def other_label_set(vit: nn.Module, sd: dict[str, torch.Tensor], source: str) -> tuple[StateDict, list[str]]:
+    """(sd without a classifier whose class count differs from the model's, the keys left to their init).
+
+    timm's rule for fine-tuning to another label set: the head of the file does not fit, so the model keeps
+    its freshly initialised one, and a log line says so."""
+    own = vit.state_dict()
+    classifiers = vit.pretrained_cfg.get("classifier", "head") if hasattr(vit, "pretrained_cfg") else "head"
+    keep_init: list[str] = []
+    for name in (classifiers,) if isinstance(classifiers, str) else classifiers:
+        keys = [k for k in (f"{name}.weight", f"{name}.bias") if k in sd and k in own]
+        if keys and sd[keys[0]].shape != own[keys[0]].shape:
+            _log.warning("%s: re-initialising the classifier %r: the file has %d classes, the model %d "
+                         "(fine-tuning to another label set)", source, name, sd[keys[0]].shape[0],
+                         own[keys[0]].shape[0])
+            keep_init += keys
+    return {k: v for k, v in sd.items() if k not in keep_init}, keep_init
+
+
+def load_vit_weights(vit: nn.Module, sd: dict[str, torch.Tensor], source: str = "weights") -> None:
+    """Load timm-format weights through timm's own filter (pos-embed resize, conv patch embed), strictly but
+    for a classifier of another class count, which keeps its init."""
+    sd, keep_init = other_label_set(vit, _filtered(vit, sd), source)
+    load_strict(vit, sd, what=f"{source} into {type(vit).__name__}", keep_init=keep_init)
 
 
 def check_weights(vit: nn.Module, path: str | Path, allow_pickle: bool = False) -> None:
     """Raise (ValueError, UnsafeCheckpointError) unless `path` would load into `vit`; `vit` may live on
     the meta device, so config validation checks a DeiT-B file in well under a second."""
     vit_sd, _ = split_student_state(read_weights(path, allow_pickle))
-    check_strict(vit, _filtered(vit, vit_sd), what=f"{path} into {type(vit).__name__}")
+    sd, keep_init = other_label_set(vit, _filtered(vit, vit_sd), str(path))
+    check_strict(vit, sd, what=f"{path} into {type(vit).__name__}", keep_init=keep_init)
 
 
 def load_weights(model: nn.Module, path: str | Path, allow_pickle: bool = False) -> None:
     """Load a file into a student or teacher: dense weights into model.vit, gate weights if both have them."""
     vit_sd, gate_sd = split_student_state(read_weights(path, allow_pickle))
-    load_vit_weights(model.vit, vit_sd)
+    load_vit_weights(model.vit, vit_sd, str(path))
     gates = getattr(model, "gates", None)
     if gate_sd and gates is not None and len(gates):
         load_strict(gates, gate_sd, what="gate weights")

@@ -62,11 +62,47 @@ def test_whole_student_file_loads_gates_too_and_loads_into_the_teacher(tmp_path:
 
 
 def test_wrong_shapes_fail_naming_the_keys_and_shapes(tmp_path: Path) -> None:
-    path = tmp_path / "five_classes.pth"
-    torch.save(dense_student(num_classes=5).vit.state_dict(), path)
-    with pytest.raises(ValueError, match=r"head\.weight: file \(5, 32\) vs model \(10, 32\)") as err:
+    path = tmp_path / "wider_mlp.pth"
+    torch.save(dense_student(mlp_ratio=2.0).vit.state_dict(), path)
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc1\.weight: file \(64, 32\) vs model \(128, 32\)"):
         create_student(TINY_ARCH, gate="dynamicvit", checkpoint=path, **TINY_VIT_KWARGS)
-    assert "head.bias" in str(err.value)
+
+
+def test_weights_of_another_label_set_load_with_the_head_reinitialised(tmp_path: Path, caplog) -> None:
+    """Fine-tuning to your own classes: the file's 5-class head does not fit a 10-class model, so the model
+    keeps its own freshly initialised head (timm's rule), everything else loads, and a log line says so."""
+    source = dense_student(num_classes=5)
+    path = tmp_path / "five_classes.pth"
+    torch.save(source.vit.state_dict(), path)
+    torch.manual_seed(11)
+    fresh_head = create_student(TINY_ARCH, gate="none", **TINY_VIT_KWARGS).vit.head.weight.detach().clone()
+    torch.manual_seed(11)
+    with caplog.at_level("WARNING", logger="model.weights"):
+        student = create_student(TINY_ARCH, gate="none", checkpoint=path, **TINY_VIT_KWARGS)
+    assert "re-initialising the classifier 'head': the file has 5 classes, the model 10" in caplog.text
+    assert torch.equal(student.vit.head.weight, fresh_head)
+    own, theirs = student.vit.state_dict(), source.vit.state_dict()
+    for key in own:
+        if not key.startswith("head."):
+            torch.testing.assert_close(own[key], theirs[key], rtol=0, atol=0, msg=key)
+
+
+def test_timm_pretrained_with_a_local_file_and_another_class_count(tmp_path: Path) -> None:
+    """`model.kwargs: {pretrained: true, pretrained_cfg_overlay: {file: ...}}`: timm's own loading path, offline."""
+    from trainer.config import load_config, validate
+
+    source = dense_student(num_classes=5)
+    path = tmp_path / "hub_copy.pth"
+    torch.save(source.vit.state_dict(), path)
+    kwargs = {**TINY_VIT_KWARGS, "pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+    student = create_student(TINY_ARCH, gate="dynamicvit", **kwargs)
+    torch.testing.assert_close(student.vit.blocks[1].attn.qkv.weight, source.vit.blocks[1].attn.qkv.weight)
+    assert student.vit.head.weight.shape == (10, 32)
+    cfg = load_config(None, ["model.arch=" + TINY_ARCH, "model.img_size=32", "model.num_classes=10",
+                             "model.kwargs={patch_size: 8, depth: 4, embed_dim: 32, num_heads: 2, pretrained: true, "
+                             f"pretrained_cfg_overlay: {{file: {path}}}}}", "data.train=x", "teacher.enabled=false",
+                             "prune.w_kd=0", "prune.w_tok=0", "train.steps=1"])
+    validate(cfg, check_paths=False)  # was: "multiple values for keyword argument 'pretrained'"
 
 
 def test_missing_and_unexpected_keys_fail_naming_them(tmp_path: Path) -> None:
@@ -104,3 +140,20 @@ def test_a_missing_file_or_a_non_state_dict_fails_clearly(tmp_path: Path) -> Non
     torch.save([1, 2, 3], path)
     with pytest.raises(ValueError, match="state dict"):
         create_teacher(TINY_ARCH, checkpoint=path, **TINY_VIT_KWARGS)
+
+
+def test_model_pretrained_key_builds_from_timm_weights_offline(tmp_path: Path) -> None:
+    """`model.pretrained: true`: timm's pretrained path for student and teacher, here from a local file."""
+    from trainer.config import load_config
+    from trainer.loop.build import build_student, build_teacher
+
+    source = dense_student(num_classes=5)
+    path = tmp_path / "hub_copy.pth"
+    torch.save(source.vit.state_dict(), path)
+    cfg = load_config(None, ["model.arch=" + TINY_ARCH, "model.img_size=32", "model.num_classes=10",
+                             "model.pretrained=true", "model.kwargs={patch_size: 8, depth: 4, embed_dim: 32, "
+                             f"num_heads: 2, pretrained_cfg_overlay: {{file: {path}}}}}"])
+    student, teacher = build_student(cfg), build_teacher(cfg, torch.device("cpu"))
+    for model in (student, teacher):
+        torch.testing.assert_close(model.vit.blocks[0].mlp.fc1.weight, source.vit.blocks[0].mlp.fc1.weight)
+        assert model.vit.head.weight.shape == (10, 32)

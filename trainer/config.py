@@ -75,7 +75,11 @@ class ModelConfig:
     num_classes: int = 1000
     """Classifier width."""
     checkpoint: str = ""
-    """Local weights for the student's backbone (timm/DeiT format or an export of ours)."""
+    """Local weights for the student's backbone (timm/DeiT format or an export of ours); a head of another class
+    count is re-initialised (fine-tuning to your own labels)."""
+    pretrained: bool = False
+    """Start the student (and a teacher without its own weights) from timm's pretrained weights: the hub when
+    online, or a local copy with model.kwargs.pretrained_cfg_overlay={file: PATH}."""
     drop_path: float = 0.1
     """Stochastic depth rate."""
     kwargs: dict = field(default_factory=dict)
@@ -451,6 +455,8 @@ def _meta_vit(key: str, arch: str, kwargs: dict, num_classes: int, **size: int):
     import timm
     import torch
 
+    # pretrained=False whatever the kwargs say: a shape check needs no weights (and no hub download).
+    kwargs = {k: v for k, v in kwargs.items() if k != "pretrained"}
     with torch.device("meta"):
         try:
             return timm.create_model(arch, pretrained=False, num_classes=num_classes, **size, **kwargs)

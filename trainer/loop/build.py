@@ -62,6 +62,11 @@ def checkpoint_root(cfg: Config) -> str:
     return os.path.join(cfg.run_dir, "checkpoints")
 
 
+def timm_kwargs(kwargs: dict, pretrained: bool) -> dict:
+    """model.kwargs for timm.create_model, with `pretrained=True` when model.pretrained asks for it."""
+    return {**kwargs, "pretrained": True} if pretrained else dict(kwargs)
+
+
 def build_student(cfg: Config, checkpoint: str | None = None) -> PrunedViT:
     """The student the config describes, with weights from `checkpoint`: a weight file (timm/DeiT or an
     export), or a training checkpoint (a run dir, checkpoints dir or checkpoint dir), consolidated. None
@@ -72,7 +77,7 @@ def build_student(cfg: Config, checkpoint: str | None = None) -> PrunedViT:
     student = create_student(m.arch, gate=p.gate, keep_ratio=p.keep_ratio, flops_budget=p.flops_budget,
                              locations=p.locations or None, img_size=m.img_size, num_classes=m.num_classes,
                              checkpoint=None if from_training_run else source, allow_pickle=cfg.ckpt.allow_pickle,
-                             drop_path_rate=m.drop_path, **m.kwargs)
+                             drop_path_rate=m.drop_path, **timm_kwargs(m.kwargs, m.pretrained))
     if from_training_run:
         weights = ckpt.consolidated_state_dict(ckpt.resolve_checkpoint(source), cfg.ckpt.allow_pickle)
         student.load_state_dict(weights, strict=True)
@@ -84,9 +89,10 @@ def build_teacher(cfg: Config, device: torch.device) -> Teacher | None:
     m, t = cfg.model, cfg.teacher
     if not t.enabled:
         return None
-    teacher = create_teacher(t.arch or m.arch, checkpoint=(t.checkpoint or m.checkpoint) or None,
-                             allow_pickle=cfg.ckpt.allow_pickle, img_size=m.img_size, num_classes=m.num_classes,
-                             **(t.kwargs or m.kwargs))
+    checkpoint = (t.checkpoint or m.checkpoint) or None
+    teacher = create_teacher(t.arch or m.arch, checkpoint=checkpoint, allow_pickle=cfg.ckpt.allow_pickle,
+                             img_size=m.img_size, num_classes=m.num_classes,
+                             **timm_kwargs(t.kwargs or m.kwargs, m.pretrained and checkpoint is None))
     # Inference only: never handed to a backend. bf16 on GPU halves its cost; fp32 on CPU.
     return teacher.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
