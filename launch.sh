@@ -58,15 +58,15 @@ if [[ "$launcher" == slurm ]]; then
   # trainer/infra/launch_env.py maps SLURM_PROCID/NTASKS/LOCALID/NODEID to RANK/WORLD_SIZE/LOCAL_RANK.
   allocated=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
   (( num_nodes <= allocated )) || fail "--num_nodes $num_nodes but this allocation has $allocated node(s): salloc -N $num_nodes"
-  per_node=${num_gpus:-${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}}
+  per_node=${num_gpus:-${SLURM_GPUS_ON_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}}
   (( per_node >= 1 )) || per_node=1
   export MASTER_ADDR=${master_addr:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
   export MASTER_PORT=$master_port
-  # No --kill-on-bad-exit: ranks that stop on a signal exit 75 a moment apart, and srun would kill the later
-  # ones mid-exit (and report their signal instead of 75). A rank that crashes fails its peers' next
-  # collective, so they end too.
+  # --wait, not --kill-on-bad-exit: ranks that stop on a signal exit 75 a moment apart, and an immediate kill
+  # would end the later ones mid-exit (and report their signal instead of 75). A rank that fails while its
+  # peers wait at a rendezvous has them ended 60 s later instead of at the 30-minute timeout.
   exec srun --nodes "$num_nodes" --ntasks "$(( num_nodes * per_node ))" --ntasks-per-node "$per_node" \
-    "$PYTHON" -u "$self" --num_nodes "$num_nodes" "${args[@]}"
+    --wait=60 "$PYTHON" -u "$self" --num_nodes "$num_nodes" "${args[@]}"
 fi
 
 ds=(-m deepspeed.launcher.runner --num_nodes "$num_nodes" --master_port "$master_port")

@@ -13,19 +13,27 @@ the retries and read-ahead of data.sources and bounds the disk it uses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import re
+import time
 from typing import BinaryIO
 
 SUFFIX = ".tar"
 
 
+_SHARD_NAME = re.compile(r"([^/\s'\"?=]+)\.tar\b")
+PART_MAX_AGE_S = 6 * 3600  # a `.part` file this old was left by a killed process
+
+
 def cache_path(cache_dir: str, url: str) -> str:
-    """Where a shard's copy lives: a hash of its (full) source, plus its file name for people."""
-    name = url.rstrip("/").rsplit("/", 1)[-1].split()[-1][-60:]
-    return os.path.join(cache_dir, hashlib.sha256(url.encode()).hexdigest()[:20] + "-" + name.replace(SUFFIX, "")
-                        + SUFFIX)
+    """Where a shard's copy lives: a hash of its (full) source, plus its shard name for people (never a query
+    string or a command's options: they may carry credentials)."""
+    found = _SHARD_NAME.search(url)
+    name = found.group(1)[-60:] if found else "shard"
+    return os.path.join(cache_dir, hashlib.sha256(url.encode()).hexdigest()[:20] + "-" + name + SUFFIX)
 
 
 class _Tee(io.RawIOBase):
@@ -34,7 +42,7 @@ class _Tee(io.RawIOBase):
     def __init__(self, stream: BinaryIO, path: str, max_bytes: int):
         self.stream, self.path, self.max_bytes = stream, path, max_bytes
         self.tmp = f"{path}.part{os.getpid()}"
-        self.copy = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
+        self.copy: BinaryIO | None = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
         self.complete = False
 
     def readable(self) -> bool:
@@ -42,43 +50,70 @@ class _Tee(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         n = self.stream.readinto(buffer)
-        if n:
-            self.copy.write(memoryview(buffer)[:n])
-        else:
+        if n and self.copy is not None:
+            try:
+                self.copy.write(memoryview(buffer)[:n])
+            except OSError:  # the cache is best-effort: a full disk stops the copy, never the read
+                self._drop_copy()
+        elif not n:
             self.complete = True
         return n
+
+    def _drop_copy(self) -> None:
+        if self.copy is not None:
+            try:
+                self.copy.close()
+            except OSError:
+                pass
+            self.copy = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
 
     def close(self) -> None:
         if self.closed:
             return
-        self.copy.close()
         self.stream.close()
-        if self.complete:
-            os.replace(self.tmp, self.path)
-            evict(os.path.dirname(self.path), self.max_bytes)
-        else:
-            os.unlink(self.tmp)  # a shard read only in part (or broken) is never published
+        if self.copy is not None and self.complete:
+            try:
+                self.copy.close()
+                os.replace(self.tmp, self.path)
+                self.copy = None
+                evict(os.path.dirname(self.path), self.max_bytes)
+            except OSError:
+                pass
+        self._drop_copy()  # a shard read only in part (or broken) is never published
         super().close()
 
 
 def open_cached(url: str, cache_dir: str, max_gb: float, open_remote) -> BinaryIO:
     """The shard from the cache when it is there (its use time refreshed), else `open_remote(url)` copied in."""
-    os.makedirs(cache_dir, exist_ok=True)
     path = cache_path(cache_dir, url)
     try:
         stream = open(path, "rb")  # noqa: SIM115 - the caller closes it
-        os.utime(path)  # least recently *used* is what eviction drops
-        return stream
     except FileNotFoundError:
         pass
-    return io.BufferedReader(_Tee(open_remote(url), path, int(max_gb * 2**30)), buffer_size=1 << 16)
+    else:
+        with contextlib.suppress(OSError):
+            os.utime(path)  # least recently *used* is what eviction drops
+        return stream
+    remote = open_remote(url)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        return io.BufferedReader(_Tee(remote, path, int(max_gb * 2**30)), buffer_size=1 << 16)
+    except OSError:  # an unwritable cache: read without it
+        return remote
 
 
 def evict(cache_dir: str, max_bytes: int) -> list[str]:
     """Delete least recently used shards until the cache holds at most max_bytes; returns the deleted paths."""
     entries = []
+    now = time.time()
     for name in os.listdir(cache_dir):
-        if name.endswith(SUFFIX):
+        if ".part" in name:  # a copy left by a killed process is deleted once it is clearly stale
+            with contextlib.suppress(OSError):
+                if now - os.stat(os.path.join(cache_dir, name)).st_mtime > PART_MAX_AGE_S:
+                    os.unlink(os.path.join(cache_dir, name))
+        elif name.endswith(SUFFIX):
             try:
                 st = os.stat(os.path.join(cache_dir, name))
             except FileNotFoundError:  # another rank evicted it meanwhile

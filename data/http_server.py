@@ -35,6 +35,7 @@ class ShardServer:
 
     def __init__(self, directory: str, faults: ServerFaults | None = None, max_seconds: float = 3600):
         self.directory, self.faults = directory, faults or ServerFaults()
+        self.lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"server_state": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
@@ -68,16 +69,18 @@ class _Handler(BaseHTTPRequestHandler):
         state = self.server_state
         name = self.path.split("?", 1)[0].lstrip("/")
         faults = state.faults
-        faults.requests[name] += 1
+        with state.lock:  # handler threads share the counters
+            faults.requests[name] += 1
+            fault, remaining = faults.first.get(name, ("", 0))
+            if remaining > 0:
+                faults.first[name] = (fault, remaining - 1)
+            else:
+                fault = ""
         if faults.latency_s:
             time.sleep(faults.latency_s)
-        fault, remaining = faults.first.get(name, ("", 0))
-        if remaining > 0:
-            faults.first[name] = (fault, remaining - 1)
-        else:
-            fault = ""
-        path = os.path.join(state.directory, name)
-        if fault in ("404", "500") or not os.path.isfile(path):
+        path = os.path.realpath(os.path.join(state.directory, name))
+        inside = path.startswith(os.path.realpath(state.directory) + os.sep)
+        if fault in ("404", "500") or not inside or not os.path.isfile(path):
             self.send_error(500 if fault == "500" else 404)
             return
         with open(path, "rb") as f:

@@ -13,13 +13,14 @@ import json
 import os
 import re
 import tarfile
+import urllib.error
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
 
-from data.sources import NetOptions, join, open_shard, parent, read_bytes, redact, source_kind
+from data.sources import NetOptions, ShardUnreachable, join, open_shard, parent, read_bytes, redact, source_kind
 
 INFO_NAME = "_info.json"
 
@@ -64,8 +65,8 @@ def load_info(directory: str, net: NetOptions | None = None) -> dict:
                 raise FileNotFoundError(f"{path}: no shard index; build the shards with `python -m data.convert`")
             with open(path) as f:
                 text = f.read()
-        else:
-            text = read_bytes(path, net).decode()
+        else:  # never from data.cache_dir: an index must be the current one on every node
+            text = read_bytes(path, dataclasses.replace(net or NetOptions(), cache_dir="")).decode()
         info = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{redact(path)}: not valid JSON ({e})") from e
@@ -161,7 +162,7 @@ def _from_pattern(spec: str, net: NetOptions | None, count_samples: bool) -> Spl
     return SplitShards(tuple(Shard(p, known[p] if p in known else count_tar_samples(p, net)) for p in paths), classes)
 
 
-_SHARD_IN_COMMAND = re.compile(r"(\S*/)([^/\s'\"]+\.tar)")
+SHARD_IN_COMMAND = re.compile(r"(\S*/)([^/\s'\"]+\.tar)")
 
 
 def _index_beside(first: str) -> tuple[str, Callable[[str], str]]:
@@ -173,7 +174,7 @@ def _index_beside(first: str) -> tuple[str, Callable[[str], str]]:
     if source_kind(first) != "pipe":
         folder = parent(first)
         return join(folder, INFO_NAME), lambda name: join(folder, name)
-    found = _SHARD_IN_COMMAND.search(first)
+    found = SHARD_IN_COMMAND.search(first)
     if found is None:
         return "", lambda name: name
     start, end = found.span(2)
@@ -181,12 +182,21 @@ def _index_beside(first: str) -> tuple[str, Callable[[str], str]]:
 
 
 def _info_beside(source: str, net: NetOptions | None) -> dict | None:
-    """The `_info.json` at `source`, or None when there is none (remote: one quick try, no retries)."""
+    """The `_info.json` at `source`, or None when there is none.
+
+    Only "not there" means none (HTTP 404, a missing object, a `pipe:` command that fails at once); any other
+    failure is retried like a shard and then raised, so a passing server hiccup never leaves one rank
+    without the counts the others have."""
     if source_kind(source) == "local":
         return load_info(parent(source)) if os.path.isfile(source) else None
+    net = dataclasses.replace(net or NetOptions(), cache_dir="")
     try:
-        text = read_bytes(source, dataclasses.replace(net or NetOptions(), retries=0)).decode()
-        info = json.loads(text)
-        return info if "splits" in info else None
-    except (OSError, ValueError):
-        return None
+        text = read_bytes(source, dataclasses.replace(net, retries=0)).decode()
+    except ShardUnreachable as e:
+        absent = (isinstance(e.last_error, urllib.error.HTTPError) and e.last_error.code == 404) or isinstance(
+            e.last_error, FileNotFoundError) or source_kind(source) == "pipe"
+        if absent:
+            return None
+        text = read_bytes(source, net).decode()
+    info = json.loads(text)
+    return info if isinstance(info, dict) and "splits" in info else None

@@ -2,7 +2,7 @@
 
     python -m data.inspect /data/imagenet-wds                    # a folder with _info.json
     python -m data.inspect https://host/imagenet-wds/            # the same over HTTP(S); s3://, gs://, hf:// too
-    python -m data.inspect 'pipe:curl -s -L https://host/imagenet1k-train-{0000..1023}.tar' --count \\
+    python -m data.inspect 'pipe:curl -fsSL https://host/imagenet1k-train-{0000..1023}.tar' --count \\
         --write-info .                                           # counts every shard, writes ./_info.json
 
 Prints the splits (shards, samples), the first sample's fields and its decoded image size and label, as
@@ -20,7 +20,7 @@ import sys
 import tarfile
 from collections.abc import Sequence
 
-from data.info import INFO_NAME, SPLIT_NAMES, Shard, load_info, pick_split, resolve_split, write_info
+from data.info import INFO_NAME, SHARD_IN_COMMAND, SPLIT_NAMES, Shard, load_info, pick_split, resolve_split, write_info
 from data.sources import NetOptions, open_shard, redact, source_kind
 
 
@@ -52,10 +52,10 @@ def first_sample(shard: Shard, net: NetOptions) -> dict:
     return out
 
 
-def describe(source: str, split: str, net: NetOptions, count: bool) -> dict:
-    """What the source holds, as a dict ready for JSON."""
+def describe(source: str, split: str, net: NetOptions, count: bool) -> tuple[dict, tuple[Shard, ...]]:
+    """(what the source holds, as a dict ready for JSON; its shards)."""
     report: dict = {"source": redact(source)}
-    folder = (source_kind(source) == "local" and not any(c in source for c in "*?{")) or source.endswith("/")
+    folder = (source_kind(source) == "local" and os.path.isdir(source)) or source.endswith("/")
     if folder and source_kind(source) != "pipe":
         info = load_info(source, net)
         report["splits"] = {name: {"shards": len(entry["filenames"]), "samples": int(sum(entry["shard_lengths"]))}
@@ -67,7 +67,13 @@ def describe(source: str, split: str, net: NetOptions, count: bool) -> dict:
     report["shards"] = len(shards.shards)
     report["samples"] = shards.num_samples
     report["first_sample"] = first_sample(shards.shards[0], net)
-    return report
+    return report, shards.shards
+
+
+def shard_name(source: str) -> str:
+    """The file name of a shard source (a path, a URL, or the .tar inside a `pipe:` command)."""
+    found = SHARD_IN_COMMAND.search(source)
+    return found.group(2) if found else source.rstrip("/").rsplit("/", 1)[-1]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -82,11 +88,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     net = NetOptions(retries=args.retries, backoff=0.5)
     try:
-        report = describe(args.source, args.split, net, args.count or bool(args.write_info))
+        report, shards = describe(args.source, args.split, net, args.count or bool(args.write_info))
         if args.write_info:
-            shards = resolve_split(args.source, args.split, net, count_samples=True).shards
             write_info(args.write_info, {"splits": {args.split: {
-                "name": args.split, "filenames": [s.path.rsplit("/", 1)[-1].split()[-1] for s in shards],
+                "name": args.split, "filenames": [shard_name(s.path) for s in shards],
                 "shard_lengths": [s.num_samples for s in shards], "num_samples": sum(s.num_samples for s in shards)}}})
             report["wrote"] = os.path.join(args.write_info, INFO_NAME)
     except (OSError, ValueError, KeyError, ImportError, tarfile.TarError) as e:

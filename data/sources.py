@@ -14,15 +14,19 @@ HF token) and `redact` removes them from every source that is printed or logged.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import io
 import os
 import queue
 import re
 import select
+import signal
 import subprocess
+import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +43,8 @@ class NetOptions:
     """How long to wait for remote shards; the run config's `data` section extends it (`data.retries`, ...)."""
 
     connect_timeout: float = 30.0
-    """Seconds to open a connection (or for a `pipe:` command's first byte)."""
+    """Seconds to open a connection (HTTP: the socket timeout is the larger of the two), or to a `pipe:` command's
+    first byte."""
     read_timeout: float = 60.0
     """Seconds without a byte before a read counts as stalled and is retried."""
     retries: int = 5
@@ -57,7 +62,10 @@ class NetOptions:
 
 
 class ShardUnreachable(OSError):
-    """A remote shard that failed `retries` times in a row; the message names it, redacted."""
+    """A remote shard that failed `retries` times in a row; the message names it, redacted. `last_error` is the
+    failure that ended it (a 404 says "absent", a timeout "unreachable")."""
+
+    last_error: Exception | None = None
 
 
 def source_kind(url: str) -> str:
@@ -74,17 +82,24 @@ def source_kind(url: str) -> str:
 
 _USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
 _QUERY = re.compile(r"(\w+://[^\s'\"?]*)\?[^\s'\"]*")
-_HEADER = re.compile(r"""(-H\s*|--header[=\s]\s*)(['"]?)([\w-]+):[^'"\n]*\2""")
-_SECRET_ARG = re.compile(r"""(--(?:user|oauth2-bearer|aws-sigv4|password|token)[=\s]\s*)(['"]?)[^\s'"]+\2""")
+# -H / --header (also bundled short flags such as -sH) carry tokens in their values.
+_HEADER = re.compile(r"""((?<!\S)-[a-zA-Z]*H\s*|--header[=\s]\s*)(['"]?)([\w-]+):[^'"\n]*\2""")
+# -u user:pass, --user, --*password*, --*token*, --oauth2-bearer, --aws-sigv4, ...
+_SECRET_ARG = re.compile(r"""((?<!\S)(?:-u|--user|--[\w-]*(?:password|passwd|token|secret|bearer|sigv4)[\w-]*)"""
+                         r"""[=\s]\s*)(['"]?)[^\s'"]+\2""")
+# VAR=value prefixes whose name says secret: AWS_SECRET_ACCESS_KEY=..., HF_TOKEN=...
+_SECRET_ENV = re.compile(r"""((?<![^\s:])\w*(?:SECRET|TOKEN|PASSWORD|PASSWD|KEY)\w*=)(['"]?)[^\s'"]+\2""",
+                         re.IGNORECASE)
 
 
 def redact(source: str) -> str:
     """A source as it may be printed: no user:password@ in URLs, no query strings (presigned URLs carry their
-    signature there), no header values or secret options in `pipe:` commands."""
+    signature there), no header values, secret options or secret VAR=value prefixes in `pipe:` commands."""
     out = _USERINFO.sub(r"\1***@", source)
     out = _QUERY.sub(r"\1?***", out)
     out = _HEADER.sub(r"\1\2\3: ***\2", out)
-    return _SECRET_ARG.sub(r"\1\2***\2", out)
+    out = _SECRET_ARG.sub(r"\1\2***\2", out)
+    return _SECRET_ENV.sub(r"\1\2***\2", out)
 
 
 def fsspec_module():
@@ -98,7 +113,13 @@ def fsspec_module():
 
 
 def _open_http(url: str, offset: int, opts: NetOptions) -> BinaryIO:
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is not None:  # urllib cannot take user:password@ in the URL: send it as Basic auth
+        user = urllib.parse.unquote(parts.username) + ":" + urllib.parse.unquote(parts.password or "")
+        headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
+        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    request = urllib.request.Request(url, headers=headers)
     # The timeout covers the connection and every later socket read: a stalled server raises TimeoutError.
     response = urllib.request.urlopen(request, timeout=max(opts.connect_timeout, opts.read_timeout))  # noqa: S310
     if offset and response.status != 206:  # the server ignored the Range: skip to the offset ourselves
@@ -109,32 +130,44 @@ def _open_http(url: str, offset: int, opts: NetOptions) -> BinaryIO:
 class _PipeStream(io.RawIOBase):
     """stdout of a shell command, with a read timeout (select) and its exit status checked at EOF."""
 
-    def __init__(self, command: str, read_timeout: float):
-        self.command, self.read_timeout = command, read_timeout
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # noqa: S602
+    def __init__(self, command: str, first_byte_timeout: float, read_timeout: float):
+        self.first_byte_timeout, self.read_timeout, self.started = first_byte_timeout, read_timeout, False
+        # stderr to a file: a chatty command (curl -v, wget) would block on a full pipe nobody reads.
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        # Its own process group, so close() ends a whole pipeline, not just the shell.
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr,  # noqa: S602
+                                     start_new_session=True)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        ready, _, _ = select.select([self.proc.stdout], [], [], self.read_timeout)
+        timeout = self.read_timeout if self.started else self.first_byte_timeout
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
-            raise TimeoutError(f"no byte for {self.read_timeout:.0f} s")
+            raise TimeoutError(f"no byte for {timeout:.0f} s")
         n = os.readv(self.proc.stdout.fileno(), [buffer])
+        self.started = True
         if n == 0 and self.proc.wait() != 0:
-            tail = self.proc.stderr.read()[-300:].decode(errors="replace").strip()
+            self.stderr.seek(0)
+            tail = self.stderr.read()[-300:].decode(errors="replace").strip()
             raise OSError(f"command exited with status {self.proc.returncode}" + (f": {tail}" if tail else ""))
         return n
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait()
+        self.proc.stdout.close()
+        self.stderr.close()
         super().close()
 
 
 def _open_pipe(url: str, offset: int, opts: NetOptions) -> BinaryIO:
-    stream = io.BufferedReader(_PipeStream(url[len("pipe:"):], opts.read_timeout))
+    stream = io.BufferedReader(_PipeStream(url[len("pipe:"):], opts.connect_timeout, opts.read_timeout))
     _discard(stream, offset)
     return stream
 
@@ -200,8 +233,10 @@ class RetryingReader(io.RawIOBase):
         self._close_stream()
         self.failures += 1
         if self.failures > self.opts.retries:
-            raise ShardUnreachable(f"{redact(self.url)}: gave up after {self.opts.retries} retries at byte "
-                                   f"{self.offset}: {type(error).__name__}: {redact(str(error))}") from None
+            unreachable = ShardUnreachable(f"{redact(self.url)}: gave up after {self.opts.retries} retries at byte "
+                                           f"{self.offset}: {type(error).__name__}: {redact(str(error))}")
+            unreachable.last_error = error
+            raise unreachable from None
         self.retried += 1
         self.sleep(min(self.opts.backoff * 2 ** (self.failures - 1), self.opts.backoff_max))
 

@@ -48,6 +48,19 @@ def test_redact_removes_credentials_from_urls_and_pipe_commands():
     cmd = "pipe:curl -s -L -H 'Authorization: Bearer hf_abcdef' https://huggingface.co/x/{0..3}.tar"
     assert redact(cmd) == "pipe:curl -s -L -H 'Authorization: ***' https://huggingface.co/x/{0..3}.tar"
     assert "hunter2" not in redact("pipe:curl --user me:hunter2 https://h/a.tar")
+    for leaky in ("pipe:curl -u alice:hunter2 https://h/a.tar", "pipe:curl -sH 'Authorization: Bearer hunter2' x.tar",
+                  "pipe:wget --http-password=hunter2 -O- https://h/a.tar",
+                  "pipe:AWS_SECRET_ACCESS_KEY=hunter2 aws s3 cp s3://b/a.tar -"):
+        assert "hunter2" not in redact(leaky), redact(leaky)
+
+
+def test_cache_file_names_never_carry_a_query_or_a_command(tmp_path):
+    from data.cache import cache_path
+
+    for source in ("https://b.s3.amazonaws.com/w/x-0001.tar?X-Amz-Signature=hunter2",
+                   "pipe:curl -fsSL https://h/w/x-0001.tar -H 'Authorization: Bearer hunter2'"):
+        name = os.path.basename(cache_path(str(tmp_path), source))
+        assert name.endswith("-x-0001.tar") and "hunter2" not in name, name
     assert redact("/data/imagenet/train-{0000..0009}.tar") == "/data/imagenet/train-{0000..0009}.tar"
 
 
@@ -175,6 +188,11 @@ def test_inspect_counts_a_pattern_and_writes_an_index_that_training_then_uses(la
         assert wrote.returncode == 0, wrote.stderr
         assert json.loads(wrote.stdout)["samples"] == 32
         assert resolve_split(spec, "train", FAST).num_samples == 32  # now from the _info.json beside them
+    os.remove(os.path.join(layout, "_info.json"))
+    pipe = f"pipe:cat {layout}/imagenet1k-train-{{0000..0003}}.tar"
+    assert _inspect(pipe, "--write-info", str(tmp_path)).returncode == 0
+    with open(tmp_path / "_info.json") as f:  # shard names, not the command's last word
+        assert json.load(f)["splits"]["train"]["filenames"][0] == "imagenet1k-train-0000.tar"
 
 
 def test_inspect_fails_cleanly_on_unreachable_and_malformed_sources(tmp_path):

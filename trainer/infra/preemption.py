@@ -39,8 +39,9 @@ class GracefulStop:
     def _on_signal(self, signum: int, _frame: object) -> None:
         if not self.signal_name:
             self.signal_name = signal.Signals(signum).name
-            print(f"rank {dist.rank()}: {self.signal_name} received: stopping at the next step boundary with a "
-                  f"checkpoint", flush=True)
+            # os.write, not print: a handler that prints while the main thread prints raises "reentrant call".
+            os.write(1, f"rank {dist.rank()}: {self.signal_name} received: stopping at the next step boundary "
+                        f"with a checkpoint\n".encode())
 
     def agreed(self, step: int) -> bool:
         """True on every rank at the same step once any rank got a stop signal (step: steps done so far)."""
