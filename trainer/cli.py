@@ -38,14 +38,13 @@ def launcher_world_size() -> int | None:
     return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
 
 
-def load_checked_config(args: argparse.Namespace, world_size: int | None, check_model: bool = True) -> Config:
-    """Load and validate (ConfigError otherwise), cheap checks first; check_model=False stops before the
-    checks that import torch. world_size None: not known yet (launch.sh before the ranks exist)."""
+def load_checked_config(args: argparse.Namespace, world_size: int | None) -> Config:
+    """Load and validate (ConfigError otherwise), the checks that need no torch first. world_size None: not
+    known yet (launch.sh before the ranks exist)."""
     cfg = load_config(args.config, overrides(args))
     for note in apply_accelerate_env(cfg, os.environ):
         if os.environ.get("RANK", "0") == "0":
             print(f"accelerate launch config: {note}", flush=True)
     validate(cfg, world_size=world_size, check_model=False)
-    if check_model:
-        validate_model(cfg)
+    validate_model(cfg)
     return cfg

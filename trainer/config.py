@@ -42,10 +42,10 @@ class DataConfig(AugmentConfig, NetOptions):
     hf://), or a brace pattern of shards (paths and globs, URLs, `pipe:` commands)."""
     val: str = ""
     """Eval shards, the same forms; empty disables evaluation."""
-    train_split: str = ""
-    """Split of a folder's `_info.json` to train on ('' = `train`)."""
-    val_split: str = ""
-    """Split to evaluate on ('' = `val`, or timm's `validation`)."""
+    train_split: str = "train"
+    """Split of a folder's `_info.json` to train on."""
+    val_split: str = "val"
+    """Split to evaluate on (`val` also finds timm's `validation`)."""
     count_samples: bool = False
     """Count the samples of remote shards that no `_info.json` lists by downloading each once (every rank)."""
     batch_size: int = 64
@@ -399,6 +399,8 @@ def _validate_data(d: DataConfig) -> None:
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
     _check(_finite(d.max_skip_fraction) and 0 <= d.max_skip_fraction <= 1, "data.max_skip_fraction",
            d.max_skip_fraction, "must be in [0, 1]")
+    for name in ("train_split", "val_split"):
+        _check(bool(getattr(d, name)), f"data.{name}", getattr(d, name), "must name a split")
     _check(d.skip_check_min_samples >= 0, "data.skip_check_min_samples", d.skip_check_min_samples, "must be >= 0")
     _check(len(d.scale) == 2 and all(_finite(v) for v in d.scale) and 0 < d.scale[0] <= d.scale[1] <= 1,
            "data.scale", d.scale, "must be [min, max] with 0 < min <= max <= 1")
@@ -514,8 +516,7 @@ def _validate_paths(cfg: Config) -> None:
 
     d = cfg.data
     _check(bool(d.train), "data.train", d.train, "required: a shard directory or pattern")
-    for key, spec, split in (("data.train", d.train, d.train_split or "train"),
-                             ("data.val", d.val, d.val_split or "val")):
+    for key, spec, split in (("data.train", d.train, d.train_split), ("data.val", d.val, d.val_split)):
         if not spec or (d.count_samples and source_kind(spec) != "local"):
             continue  # a counting pass downloads every shard: the ranks do it, not the config check
         try:

@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     img = cfg.model.img_size
     aug = resolved_augment(cfg, student)
     net = net_options(cfg.data)
-    split = resolve_split(data, args.split or cfg.data.val_split or "val", net, cfg.data.count_samples)
+    split = resolve_split(data, args.split or cfg.data.val_split, net, cfg.data.count_samples)
     loader = EvalLoader(split.shards, args.batch_size, 0, 1, eval_transform(img, aug), cfg.model.num_classes,
                         args.workers, image_shape=(3, img, img), net=net)
     normalize = DeviceAugment(aug, cfg.model.num_classes).normalize

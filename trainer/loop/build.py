@@ -108,7 +108,7 @@ def build_loaders(cfg: Config, aug: AugmentConfig, device: torch.device) -> tupl
     """The train stream (equal steps on every rank, checked) and the exact eval loader (None without data.val)."""
     rank, world, img, d = dist.rank(), dist.world_size(), cfg.model.img_size, cfg.data
     net = net_options(d)
-    plan = StreamPlan(resolve_split(d.train, d.train_split or "train", net, d.count_samples).shards, d.batch_size,
+    plan = StreamPlan(resolve_split(d.train, d.train_split, net, d.count_samples).shards, d.batch_size,
                       world, max(1, d.workers), cfg.train.seed, d.shuffle_buffer, cfg.model.num_classes, net)
     if not dist.same_on_all_ranks(plan.fingerprint(), device):
         raise TrainingError(f"data.train={redact(d.train)!r}: the ranks found different shards (files changed during "
@@ -120,7 +120,7 @@ def build_loaders(cfg: Config, aug: AugmentConfig, device: torch.device) -> tupl
                          use_processes=cfg.data.workers > 0, any_rank=lambda flag: dist.any_rank(flag, device))
     if not cfg.data.val:
         return loader, None
-    val = resolve_split(d.val, d.val_split or "val", net, d.count_samples)
+    val = resolve_split(d.val, d.val_split, net, d.count_samples)
     eval_loader = EvalLoader(val.shards, d.eval_batch_size or d.batch_size, rank, world, eval_transform(img, aug),
                              cfg.model.num_classes, d.workers, image_shape=(3, img, img), net=net)
     return loader, eval_loader
