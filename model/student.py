@@ -70,6 +70,7 @@ class PrunedViT(nn.Module):
         keep_ratio: float = 0.7,
         flops_budget: float = 0.65,
         locations: list[int] | None = None,
+        chain_masks: bool | None = None,
     ) -> None:
         super().__init__()
         if gate not in GATE_TYPES:
@@ -89,6 +90,10 @@ class PrunedViT(nn.Module):
         self.keep_ratio = keep_ratio
         self.flops_budget = flops_budget
         self.locations = validate_locations(gate, locs, depth)
+        # Each paper's code: DynamicViT multiplies a stage's decision by the previous one, AS-ViT does not
+        # (a dropped token gets ~0 CLS attention and falls below the next threshold anyway). The forward
+        # is the same; the gradient into earlier gates is not.
+        self.chain_masks = gate == "dynamicvit" if chain_masks is None else chain_masks
         self._cost = vit_cost(vit)
         self.gates = nn.ModuleList(self._make_gates())
         ref = next(vit.parameters())
@@ -172,10 +177,11 @@ class PrunedViT(nn.Module):
         self, stage: int, patch_tokens: torch.Tensor, keep: torch.Tensor | None, scores: torch.Tensor | None
     ) -> torch.Tensor:
         gate = self.gates[stage]
+        previous = keep if self.chain_masks else None
         if self.gate_type == "dynamicvit":
-            return gumbel_keep(gate(patch_tokens, keep), keep)
+            return gumbel_keep(gate(patch_tokens, keep), previous)
         mask = gate(scores)
-        return mask if keep is None else mask * keep
+        return mask if previous is None else mask * previous
 
     def forward_pruned(self, images: torch.Tensor) -> torch.Tensor:
         """Pruned forward: at each gate keep the top-k patch tokens (CLS/prefix always kept) and go on."""
@@ -302,6 +308,7 @@ def create_student(
     num_classes: int | None = None,
     checkpoint: str | Path | None = None,
     allow_pickle: bool = False,
+    chain_masks: bool | None = None,
     **timm_kwargs: Any,
 ) -> PrunedViT:
     """A timm ViT `arch` wrapped with `gate` pruning; checkpoint loads dense (and gate) weights from a file.
@@ -315,7 +322,8 @@ def create_student(
     if gate not in GATE_TYPES:
         raise ValueError(f"gate must be one of {GATE_TYPES}, got {gate!r}")
     vit = build_vit(arch, img_size=img_size, num_classes=num_classes, **timm_kwargs)
-    student = PrunedViT(vit, gate=gate, keep_ratio=keep_ratio, flops_budget=flops_budget, locations=locations)
+    student = PrunedViT(vit, gate=gate, keep_ratio=keep_ratio, flops_budget=flops_budget, locations=locations,
+                        chain_masks=chain_masks)
     if checkpoint is not None:
         load_weights(student, checkpoint, allow_pickle)
     return student

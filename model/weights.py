@@ -99,8 +99,29 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torc
 StateDict = dict[str, torch.Tensor]
 
 
+# DynamicViT's own checkpoints (github.com/raoyongming/DynamicViT, models/dyvit.py; the NeurIPS release's vit.py
+# is the same file) keep the DeiT at the top level under timm's names and the predictors as score_predictor.<s>.*,
+# whose modules match DynamicViTPredictor index for index (in_conv.0/1, out_conv.0/2/4; their out_conv.5 is
+# a weightless LogSoftmax). Only the prefixes differ, so a rename makes them student files.
+_OFFICIAL_DYNAMICVIT_GATES = "score_predictor."
+
+
+def from_official_dynamicvit(sd: StateDict) -> StateDict:
+    """An official DynamicViT state dict (score_predictor.* keys, no vit./gates.) with student keys:
+    score_predictor.<s>.X -> gates.<s>.X, every other key K -> vit.K; any other dict is returned unchanged.
+
+    Loading stays strict: a key that is neither timm's nor a predictor's is then reported by name."""
+    if not any(k.startswith(_OFFICIAL_DYNAMICVIT_GATES) for k in sd) or any(
+            k.startswith(("vit.", "gates.")) for k in sd):
+        return sd  # not the official layout (a mixed file is reported by split_student_state)
+    n = len(_OFFICIAL_DYNAMICVIT_GATES)
+    return {(f"gates.{k[n:]}" if k.startswith(_OFFICIAL_DYNAMICVIT_GATES) else f"vit.{k}"): v for k, v in sd.items()}
+
+
 def split_student_state(sd: StateDict) -> tuple[StateDict, StateDict]:
-    """(timm weights, gate weights): a student file has vit./gates. prefixes, a timm file has neither."""
+    """(timm weights, gate weights): a student file has vit./gates. prefixes, a timm file has neither, and an
+    official DynamicViT file (score_predictor.*) is renamed to a student's first (from_official_dynamicvit)."""
+    sd = from_official_dynamicvit(sd)
     if not any(k.startswith("vit.") for k in sd):
         return sd, {}
     vit_sd = {k[len("vit."):]: v for k, v in sd.items() if k.startswith("vit.")}
@@ -190,4 +211,4 @@ def load_weights(model: nn.Module, path: str | Path, allow_pickle: bool = False)
     load_vit_weights(model.vit, vit_sd, str(path))
     gates = getattr(model, "gates", None)
     if gate_sd and gates is not None and len(gates):
-        load_strict(gates, gate_sd, what="gate weights")
+        load_strict(gates, gate_sd, what="gate weights (the keys after gates. or score_predictor.)")

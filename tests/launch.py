@@ -89,11 +89,11 @@ def run_training(launcher: str, nproc: int, overrides: list[str], timeout: int =
     return done
 
 
-def train_records(run_dir: str) -> dict[int, dict]:
-    """metrics.jsonl train records by step."""
+def train_records(run_dir: str, kind: str = "train") -> dict[int, dict]:
+    """metrics.jsonl records of one kind (train or eval) by step."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return {r["step"]: r for r in rows if r["kind"] == "train"}
+    return {r["step"]: r for r in rows if r["kind"] == kind}
 
 
 def trainer_states(checkpoint_dir: str) -> list[dict]:

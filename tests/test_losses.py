@@ -132,13 +132,25 @@ def test_tok_is_zero_not_nan_when_no_token_is_kept():
     assert token_kd_loss(s, t, torch.zeros(B, N)).item() == 0.0
 
 
-def test_flops_is_zero_at_exact_budget_and_scale_free():
-    at_budget = flops_budget_loss(torch.full((B,), 0.65 * DENSE), 0.65, DENSE)
-    assert at_budget.item() == pytest.approx(0.0, abs=1e-7)
-    small = flops_budget_loss(torch.full((B,), 3.0), 0.65, DENSE)
-    big = flops_budget_loss(torch.full((B,), 3.0 * 12), 0.65, DENSE * 12)
-    assert small.item() > 0
-    assert small.item() == pytest.approx(big.item(), rel=1e-4)
+def test_flops_is_zero_at_exact_budget():
+    for form in ("absolute", "normalized"):
+        at_budget = flops_budget_loss(torch.full((B,), 0.65 * DENSE), 0.65, DENSE, form)
+        assert at_budget.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_flops_loss_in_absolute_gmacs_by_hand():
+    # DeiT-S/224 by the official formula: dense 4.6 GMACs, budget 0.65 -> target 2.99 GMACs. A batch at
+    # 3.2 and 3.6 GMACs (mean 3.4) is 0.41 GMACs over: the official |mean - f dense| = 0.41.
+    gmacs = torch.tensor([3.2, 3.6])
+    assert flops_budget_loss(gmacs, 0.65, 4.6).item() == pytest.approx(0.41, rel=1e-5)
+    assert flops_budget_loss(gmacs, 0.65, 4.6, "absolute").item() == pytest.approx(0.41, rel=1e-5)
+    # Normalised: 0.41 / 4.6. Scale-free: DeiT-B/384 (12x the GMACs) gives the same normalised value and
+    # a 12x larger absolute one.
+    assert flops_budget_loss(gmacs, 0.65, 4.6, "normalized").item() == pytest.approx(0.41 / 4.6, rel=1e-5)
+    assert flops_budget_loss(gmacs * 12, 0.65, 4.6 * 12, "normalized").item() == pytest.approx(0.41 / 4.6, rel=1e-4)
+    assert flops_budget_loss(gmacs * 12, 0.65, 4.6 * 12).item() == pytest.approx(0.41 * 12, rel=1e-4)
+    with pytest.raises(ValueError, match="form"):
+        flops_budget_loss(gmacs, 0.65, 4.6, "relative")
 
 
 def test_dynamicvit_with_teacher_reports_ce_ratio_kd_tok_and_weighted_total():
@@ -160,8 +172,11 @@ def test_asvit_reports_flops_and_no_ratio_or_tok():
     terms = compute_losses(out, soft_targets(), teacher, LossWeights(), "asvit", flops_budget=0.65,
                            dense_gmacs=DENSE)
     assert set(terms) == {"ce", "flops", "kd", "total"}
-    assert terms["flops"].item() == pytest.approx(abs(3.5 / DENSE - 0.65), rel=1e-6)
+    assert terms["flops"].item() == pytest.approx(abs(3.5 - 0.65 * DENSE), rel=1e-6)  # GMACs, the default
     assert torch.allclose(terms["total"], terms["ce"] + 2.0 * terms["flops"] + 0.5 * terms["kd"])
+    normalized = compute_losses(out, soft_targets(), teacher, LossWeights(), "asvit", flops_budget=0.65,
+                                dense_gmacs=DENSE, flops_loss="normalized")
+    assert normalized["flops"].item() == pytest.approx(abs(3.5 / DENSE - 0.65), rel=1e-6)
 
 
 def test_total_equals_ce_when_every_other_term_is_at_its_optimum():

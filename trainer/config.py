@@ -26,6 +26,7 @@ from model.gate_types import GateType
 Precision = Literal["bf16", "fp16", "fp32"]
 BackendName = Literal["deepspeed", "accelerate"]
 Progress = Literal["auto", "bar", "lines"]
+FlopsLoss = Literal["absolute", "normalized"]
 
 
 class ConfigError(ValueError):
@@ -118,6 +119,15 @@ class PruneConfig:
     """Token distillation weight (DynamicViT only)."""
     kd_temperature: float = 1.0
     """Distillation temperature."""
+    flops_loss: FlopsLoss = "absolute"
+    """AS-ViT budget loss: absolute (|mean GMACs - f x dense GMACs| in GMACs, the official form) | normalized
+    (the same divided by the dense GMACs: scale-free, so w_flops needs ~2 x dense GMACs to push as hard)."""
+    chain_masks: bool | None = None
+    """Multiply each stage's keep decision by the previous stage's (null = each paper's code: DynamicViT
+    chains, AS-ViT does not). The forward is the same either way; the gradients differ."""
+    calibrate_thresholds: bool = True
+    """AS-ViT: set the thresholds from the first training batch so the start meets flops_budget (false = the
+    official fixed inits (s+1) x 1e-3 at 196 patches, scaled by 196/N)."""
 
 
 @dataclass
@@ -125,15 +135,22 @@ class OptimConfig:
     lr: float = 1e-3
     """Gate LR for a global batch of 1024 (scaled linearly with the global batch when scale_lr)."""
     scale_lr: bool = True
-    """Scale lr by global batch / 1024 (the DeiT rule)."""
+    """Scale lr linearly by global batch / lr_reference_batch (the DeiT rule)."""
+    lr_reference_batch: int = 1024
+    """The global batch `lr` is given for (DynamicViT 1024, AS-ViT 512)."""
     min_lr: float = 1e-6
     """Cosine floor."""
     warmup_steps: int = -1
-    """Linear warm-up steps (-1 = 5% of training)."""
+    """Linear warm-up steps (-1 = 5% of training, unless warmup_epochs is set)."""
+    warmup_epochs: float = -1.0
+    """Linear warm-up in epochs of data.train; overrides warmup_steps when >= 0 (DynamicViT 5, AS-ViT 0)."""
     weight_decay: float = 0.05
     """AdamW weight decay (none on norms, biases, tokens, thresholds)."""
-    gate_weight_decay: float = 0.0
-    """Weight decay of the gate parameters (DESIGN: none on gates)."""
+    gate_weight_decay: float = -1.0
+    """Weight decay of the gate parameters (-1 = weight_decay: DynamicViT's code decays its predictor)."""
+    frozen_params: list = field(default_factory=list)
+    """Parameter names (or name suffixes, e.g. cls_token, pos_embed) left out of training (DynamicViT's code
+    leaves cls_token and pos_embed out of its optimizer)."""
     backbone_lr_scale: float = 0.01
     """Backbone LR relative to the gates."""
     threshold_lr_scale: float = 0.02
@@ -148,6 +165,15 @@ class OptimConfig:
     """Global grad-norm clip (0 = off); set explicitly because DeepSpeed's default changed in 0.19.3."""
     accum_steps: int = 1
     """Micro-batches per optimizer step."""
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    """Keep an exponential moving average of the weights (fp32, over the optimizer's master weights),
+    evaluated beside the raw model, saved in checkpoints, exported with `trainer.export --ema`."""
+    decay: float = 0.9999
+    """EMA decay per optimizer step (DynamicViT 0.9999, AS-ViT 0.99996)."""
 
 
 @dataclass
@@ -212,6 +238,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSchedule = field(default_factory=TrainSchedule)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     precision: Precision = "bf16"
     """bf16 | fp16 | fp32."""
@@ -358,10 +385,15 @@ def validate(cfg: Config, world_size: int | None = 1, check_paths: bool = True, 
     if cfg.teacher.enabled is False:
         _check(cfg.prune.w_kd == 0 and cfg.prune.w_tok == 0, "teacher.enabled", False,
                "prune.w_kd and prune.w_tok must be 0 without a teacher")
+    _validate_ema(cfg)
     if cfg.backend.name == "deepspeed":
         from trainer.infra.backends.deepspeed_config import load_ds_config
 
-        load_ds_config(cfg, world_size or 1)
+        stage = load_ds_config(cfg, world_size or 1).get("zero_optimization", {}).get("stage", 0)
+        _check(not (cfg.ema.enabled and stage == 3), "ema.enabled", True,
+               f"not supported with ZeRO-3 ({cfg.backend.ds_config}): ZeRO-3 shards the parameters themselves, "
+               "and the EMA follows the ZeRO-1/2 shards of the fp32 master weights; use ZeRO-1/2 or set "
+               "ema.enabled=false")
     if check_paths:
         _validate_paths(cfg)
     if check_model:
@@ -373,7 +405,8 @@ def _validate_choices(cfg: Config) -> None:
     """The Literal-typed keys, for configs built in code (loading already checks them)."""
     for key, value, typ in (("prune.gate", cfg.prune.gate, GateType), ("precision", cfg.precision, Precision),
                             ("backend.name", cfg.backend.name, BackendName),
-                            ("log.progress", cfg.log.progress, Progress)):
+                            ("log.progress", cfg.log.progress, Progress),
+                            ("prune.flops_loss", cfg.prune.flops_loss, FlopsLoss)):
         _check(value in get_args(typ), key, value, f"must be one of {get_args(typ)}")
 
 
@@ -427,14 +460,26 @@ def _validate_optim(o: OptimConfig) -> None:
     _check(o.accum_steps >= 1, "optim.accum_steps", o.accum_steps, "must be >= 1")
     _check(_finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(_finite(o.min_lr) and 0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, "must be in [0, optim.lr]")
-    for name in ("weight_decay", "gate_weight_decay", "backbone_lr_scale", "threshold_lr_scale"):
+    for name in ("weight_decay", "backbone_lr_scale", "threshold_lr_scale"):
         v = getattr(o, name)
         _check(_finite(v) and v >= 0, f"optim.{name}", v, "must be >= 0")
+    _check(_finite(o.gate_weight_decay) and (o.gate_weight_decay >= 0 or o.gate_weight_decay == -1),
+           "optim.gate_weight_decay", o.gate_weight_decay, "must be >= 0, or -1 (= optim.weight_decay)")
+    _check(o.lr_reference_batch >= 1, "optim.lr_reference_batch", o.lr_reference_batch, "must be >= 1")
+    _check(_finite(o.warmup_epochs) and (o.warmup_epochs >= 0 or o.warmup_epochs == -1), "optim.warmup_epochs",
+           o.warmup_epochs, "must be >= 0, or -1 (= use optim.warmup_steps)")
+    _check(all(isinstance(n, str) and n for n in o.frozen_params), "optim.frozen_params", o.frozen_params,
+           "must be a list of parameter names or name suffixes")
     _check(_finite(o.backbone_frozen_fraction) and 0 <= o.backbone_frozen_fraction < 1,
            "optim.backbone_frozen_fraction", o.backbone_frozen_fraction, "must be in [0, 1)")
     _check(_finite(o.grad_clip) and o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = off)")
     _check(len(o.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in o.betas), "optim.betas", o.betas,
            "must be two numbers in [0, 1)")
+
+
+def _validate_ema(cfg: Config) -> None:
+    e = cfg.ema
+    _check(_finite(e.decay) and 0 < e.decay < 1, "ema.decay", e.decay, "must be in (0, 1)")
 
 
 def _validate_schedule_and_logging(cfg: Config) -> None:

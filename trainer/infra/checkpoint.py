@@ -1,7 +1,8 @@
 """The training checkpoint on disk: the one module that writes, finds, verifies and reads it.
 
 Layout: `<run>/checkpoints/step_00000100/` holds the backend's files (DeepSpeed shards or an
-Accelerate state), `trainer_state_rank<r>.json` (step, data position, counters) from every rank, and
+Accelerate state), `ema_rank<r>.safetensors` when the run keeps an EMA (trainer.infra.ema),
+`trainer_state_rank<r>.json` (step, data position, counters) from every rank, and
 `COMPLETE` ({"step", "world_size"}), written by rank 0 last, after every rank reported its files
 written, with fsync and rename. `<run>/checkpoints/latest` names the newest complete one. A directory
 without the marker is never loaded.
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     import torch
 
     from trainer.infra.backends.base import Backend
+    from trainer.infra.ema import WeightEMA
 
 MARKER = "COMPLETE"
 LATEST = "latest"
@@ -114,8 +116,8 @@ def incomplete_checkpoints(root: str) -> list[str]:
 
 
 def save_checkpoint(backend: Backend, root: str, step: int, trainer_state: dict[str, Any], keep: int,
-                    timeout_s: float = SAVE_TIMEOUT_S) -> str:
-    """All ranks: write the backend state and this rank's trainer state, then rank 0 seals it.
+                    timeout_s: float = SAVE_TIMEOUT_S, ema: WeightEMA | None = None) -> str:
+    """All ranks: write the backend state, this rank's EMA shard and trainer state, then rank 0 seals it.
 
     Raises CheckpointError on every rank when any rank fails; older checkpoints are deleted only after
     the new one is complete.
@@ -133,6 +135,8 @@ def save_checkpoint(backend: Backend, root: str, step: int, trainer_state: dict[
         os.makedirs(path, exist_ok=True)
         faults.hit("ckpt_before_model", step, path)
         backend.save(path)
+        if ema is not None:
+            ema.save(path)
         faults.hit("ckpt_between_ranks", step, path)
         _atomic_write(os.path.join(path, STATE_FILE.format(rank=me)), json.dumps(trainer_state))
 

@@ -22,6 +22,7 @@ from trainer.config import Config, net_options
 from trainer.infra import checkpoint as ckpt
 from trainer.infra import dist, faults
 from trainer.infra.backends import Backend, create_backend
+from trainer.infra.ema import WeightEMA
 from trainer.loop.losses import LossWeights
 from trainer.loop.optim import LRSchedule, build_optimizer
 
@@ -51,6 +52,8 @@ class Run:
     skipped_steps: int = 0
     rng_base: int = 0  # seeds are functions of the step; faults.forget("rng") fakes a resume that restarts them
     ignored_checkpoints: list[str] = field(default_factory=list)
+    ema: WeightEMA | None = None
+    ema_model: PrunedViT | None = None  # an fp32 copy the EMA weights are loaded into to evaluate them
 
     @property
     def ckpt_root(self) -> str:
@@ -75,7 +78,8 @@ def build_student(cfg: Config, checkpoint: str | None = None) -> PrunedViT:
     source = checkpoint if checkpoint is not None else (m.checkpoint or None)
     from_training_run = source is not None and os.path.isdir(source)
     student = create_student(m.arch, gate=p.gate, keep_ratio=p.keep_ratio, flops_budget=p.flops_budget,
-                             locations=p.locations or None, img_size=m.img_size, num_classes=m.num_classes,
+                             locations=p.locations or None, chain_masks=p.chain_masks, img_size=m.img_size,
+                             num_classes=m.num_classes,
                              checkpoint=None if from_training_run else source, allow_pickle=cfg.ckpt.allow_pickle,
                              drop_path_rate=m.drop_path, **timm_kwargs(m.kwargs, m.pretrained))
     if from_training_run:
@@ -136,13 +140,37 @@ def total_steps(cfg: Config, loader: TrainLoader) -> int:
     return max(1, micro // cfg.optim.accum_steps)
 
 
-def build_schedule(cfg: Config, steps: int) -> LRSchedule:
-    """Warm-up + cosine, the base LR scaled by global batch / 1024 (the DeiT rule) when optim.scale_lr."""
+def build_schedule(cfg: Config, steps: int, steps_per_epoch: float) -> LRSchedule:
+    """Warm-up + cosine, the base LR scaled by global batch / optim.lr_reference_batch (the DeiT rule) when
+    optim.scale_lr. Warm-up: optim.warmup_epochs when set, else optim.warmup_steps (-1 = 5% of the run)."""
     o = cfg.optim
     global_batch = cfg.data.batch_size * dist.world_size() * o.accum_steps
-    base_lr = o.lr * (global_batch / 1024 if o.scale_lr else 1.0)
-    warmup = o.warmup_steps if o.warmup_steps >= 0 else int(0.05 * steps)
+    base_lr = o.lr * (global_batch / o.lr_reference_batch if o.scale_lr else 1.0)
+    if o.warmup_epochs >= 0:
+        warmup = round(o.warmup_epochs * steps_per_epoch)
+    else:
+        warmup = o.warmup_steps if o.warmup_steps >= 0 else int(0.05 * steps)
     return LRSchedule(base_lr, steps, min(warmup, steps), min(o.min_lr, base_lr))
+
+
+def build_ema_model(cfg: Config, device: torch.device) -> PrunedViT:
+    """A bare fp32 student (no weight file read) to load EMA weights into for evaluation."""
+    bare = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint="", pretrained=False))
+    return build_student(bare).to(device=device, dtype=torch.float32).eval()
+
+
+def freeze_params(student: PrunedViT, names: list[str]) -> list[str]:
+    """requires_grad=False on parameters named (or ending in) `names`, so the optimizer never sees them;
+    returns the frozen names. A name that matches nothing is an error (a typo would silently train it)."""
+    frozen = []
+    for pattern in names:
+        hits = [n for n, p in student.named_parameters() if n == pattern or n.endswith("." + pattern)]
+        if not hits:
+            raise TrainingError(f"optim.frozen_params: {pattern!r} matches no parameter of the student")
+        for name in hits:
+            student.get_parameter(name).requires_grad_(False)
+        frozen += hits
+    return frozen
 
 
 def resolve_resume(cfg: Config) -> tuple[str | None, list[str]]:
@@ -180,6 +208,8 @@ def restore(run: Run, checkpoint: str) -> None:
             f"{saved_world} ranks, or export the weights (python -m trainer.export --checkpoint "
             f"{checkpoint} --out w.safetensors) and start a new run with model.checkpoint=w.safetensors")
     run.backend.load(checkpoint)
+    if run.ema is not None:
+        run.ema.load(checkpoint)
     state = ckpt.load_trainer_state(checkpoint, dist.rank())
     if not faults.forget("data"):
         run.loader.load_state_dict(state["data"])
@@ -216,19 +246,24 @@ def build_run(cfg: Config) -> Run:
     loader, eval_loader = build_loaders(cfg, aug, backend.device)
     device_aug = DeviceAugment(aug, cfg.model.num_classes, backend.device)
     steps = total_steps(cfg, loader)
-    schedule = build_schedule(cfg, steps)
+    schedule = build_schedule(cfg, steps, loader.steps_per_epoch(0) / cfg.optim.accum_steps)
     o = cfg.optim
+    freeze_params(student, o.frozen_params)
     optimizer = build_optimizer(student, schedule.base_lr, o.weight_decay, tuple(o.betas), o.eps, o.backbone_lr_scale,
-                                int(o.backbone_frozen_fraction * steps), gate_weight_decay=o.gate_weight_decay,
+                                int(o.backbone_frozen_fraction * steps),
+                                gate_weight_decay=None if o.gate_weight_decay < 0 else o.gate_weight_decay,
                                 threshold_lr_scale=o.threshold_lr_scale)
     resume_from, torn = resolve_resume(cfg)
-    if cfg.prune.gate == "asvit" and not resume_from:
+    if cfg.prune.gate == "asvit" and cfg.prune.calibrate_thresholds and not resume_from:
         calibrate_asvit_thresholds(cfg, student, loader, device_aug)
     backend.prepare(student, optimizer)
     run = Run(cfg, backend, backend.module, teacher,
               next(teacher.parameters()).dtype if teacher is not None else torch.float32,
               count_flops(student.vit, cfg.model.img_size), loader, eval_loader, device_aug, schedule,
               LossWeights.from_config(cfg.prune, distill=teacher is not None), steps, ignored_checkpoints=torn)
+    if cfg.ema.enabled:
+        shapes = {name: tuple(p.shape) for name, p in run.student.named_parameters()}
+        run.ema = WeightEMA(backend.master_shards, shapes, cfg.ema.decay)
     if resume_from:
         restore(run, resume_from)
     return run

@@ -6,9 +6,10 @@ Terms (all fp32 scalars, whatever the dtype of the logits and tokens):
 - ``ratio`` (DynamicViT): mean over stages s of (kept fraction at stage s - target_s)^2, the kept
   fraction taken per sample and the square averaged over the batch, as in DynamicViT's code; the
   targets rho^(s+1) come from the student (`PrunedViT.target_keep_ratios`).
-- ``flops`` (AS-ViT): |mean_batch GMACs / dense GMACs - f|. The paper writes |FLOPs(x) - f FLOPs_dense|
-  with FLOPs in relative terms; dividing by the dense count keeps the term scale-free, so the weight
-  2 means the same thing for DeiT-S at 224 (4.6 GMACs) and DeiT-B at 384 (55.5 GMACs).
+- ``flops`` (AS-ViT): |mean_batch GMACs - f x dense GMACs| in GMACs, the official code's form
+  (`prune.flops_loss: absolute`). Its push grows with the model: at weight 2 it is 4.6x a normalised
+  term's at DeiT-S/224 and 55x at DeiT-B/384. `normalized` divides by the dense GMACs (scale-free:
+  a weight of ~2 x dense GMACs pushes as hard as the official loss at weight 2).
 - ``kd``: KL(teacher || student) on logits at temperature T, batchmean, times T^2.
 - ``tok``: MSE between student and teacher final patch tokens over the tokens kept at the last gate.
 
@@ -89,9 +90,17 @@ def keep_ratio_loss(keep_masks: list[torch.Tensor], keep_targets: Sequence[float
     return torch.stack(per_stage).mean()
 
 
-def flops_budget_loss(gmacs: torch.Tensor, flops_budget: float, dense_gmacs: float) -> torch.Tensor:
-    """AS-ViT's budget loss in relative terms: |mean_batch GMACs / dense GMACs - f|."""
-    return (_fp32(gmacs).mean() / dense_gmacs - flops_budget).abs()
+FLOPS_LOSS_FORMS = ("absolute", "normalized")
+
+
+def flops_budget_loss(gmacs: torch.Tensor, flops_budget: float, dense_gmacs: float,
+                      form: str = "absolute") -> torch.Tensor:
+    """AS-ViT's budget loss: |mean_batch GMACs - f x dense GMACs| in GMACs (`absolute`, as the official
+    DistillDiffPruningFLOPsLoss), or that divided by the dense GMACs (`normalized`)."""
+    if form not in FLOPS_LOSS_FORMS:
+        raise ValueError(f"flops loss form must be one of {FLOPS_LOSS_FORMS}, got {form!r}")
+    gap = (_fp32(gmacs).mean() - flops_budget * dense_gmacs).abs()
+    return gap if form == "absolute" else gap / dense_gmacs
 
 
 def logit_kd_loss(
@@ -134,13 +143,14 @@ def compute_losses(
     keep_targets: Sequence[float] = (),
     flops_budget: float = 0.65,
     dense_gmacs: float | None = None,
+    flops_loss: str = "absolute",
 ) -> dict[str, torch.Tensor]:
     """Named fp32 loss terms of a student training step and their weighted sum under key `total`.
 
     `teacher_out` is None when distillation is off; `weights` defaults to LossWeights().
     `keep_targets` are DynamicViT's per-stage targets (`PrunedViT.target_keep_ratios`).
     `dense_gmacs` is the dense model's GMACs per image at the training size (AS-ViT only; defaults to
-    `out.dense_gmacs` when the output carries it).
+    `out.dense_gmacs` when the output carries it); `flops_loss` is its form (see flops_budget_loss).
     """
     if gate_type not in GATE_TYPES:
         raise ValueError(f"gate_type must be one of {GATE_TYPES}, got {gate_type!r}")
@@ -176,7 +186,7 @@ def compute_losses(
             dense = dense_gmacs if dense_gmacs is not None else getattr(out, "dense_gmacs", None)
             if not dense or not math.isfinite(dense) or dense <= 0:
                 raise ValueError(f"AS-ViT's FLOPs loss needs the dense GMACs per image (> 0), got {dense!r}")
-            terms["flops"] = flops_budget_loss(out.gmacs, flops_budget, dense)
+            terms["flops"] = flops_budget_loss(out.gmacs, flops_budget, dense, flops_loss)
         if "kd" in active:
             terms["kd"] = logit_kd_loss(out.logits, teacher_out.logits, weights.kd_temperature)
         if "tok" in active:

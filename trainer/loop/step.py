@@ -66,7 +66,8 @@ def train_step(run: Run, batches: Iterator[dict], step: int, window: MetricsWind
                 with torch.inference_mode():
                     teacher_out = run.teacher(x.to(run.teacher_dtype))
             terms = compute_losses(out, targets, teacher_out, run.loss_weights, cfg.prune.gate,
-                                   run.student.target_keep_ratios, cfg.prune.flops_budget, run.dense_gmacs)
+                                   run.student.target_keep_ratios, cfg.prune.flops_budget, run.dense_gmacs,
+                                   cfg.prune.flops_loss)
             loss = terms["total"]
             if micro == cfg.optim.accum_steps - 1:
                 loss = faults.inject_loss(loss, step + 1)

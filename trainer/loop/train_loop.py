@@ -12,7 +12,7 @@ from trainer.config import Config
 from trainer.infra import checkpoint as ckpt
 from trainer.infra import dist, faults
 from trainer.infra.preemption import GracefulStop
-from trainer.loop.build import Run, build_run, printable_config
+from trainer.loop.build import Run, build_ema_model, build_run, printable_config
 from trainer.loop.eval_loop import evaluate
 from trainer.loop.metrics import KeyLog, MetricsLogger, write_json
 from trainer.loop.optim import apply_lr
@@ -39,6 +39,8 @@ def train(cfg: Config) -> dict:
         backend.model.train()
         lrs = apply_lr(backend.param_groups, step, run.schedule)
         result = train_step(run, batches, step, window, keys_log)
+        if run.ema is not None:
+            run.ema.update()
         step += 1
         log.advance()
         bad.record(step, result, backend.name)
@@ -97,7 +99,7 @@ def save(run: Run, step: int, bad: BadSteps) -> None:
              "param_checksum": faults.param_checksum(run.student), "rank": dist.rank(),
              "world_size": dist.world_size(), "local_rank": dist.local_rank(),
              "node_rank": dist.node_rank()}
-    path = ckpt.save_checkpoint(run.backend, run.ckpt_root, step, state, run.cfg.ckpt.keep)
+    path = ckpt.save_checkpoint(run.backend, run.ckpt_root, step, state, run.cfg.ckpt.keep, ema=run.ema)
     dist.print0(f"saved checkpoint {path}")
 
 
@@ -114,6 +116,20 @@ def run_eval(run: Run, log: MetricsLogger, step: int) -> dict:
     result = evaluate(run.backend.model, run.student, run.eval_loader, run.device_aug.normalize, run.backend.device,
                       run.backend.input_dtype, cfg.model.img_size, run.teacher, teacher_dtype=run.teacher_dtype,
                       on_first_batch=overlays if cfg.log.token_images else None)
+    if run.ema is not None:
+        result |= evaluate_ema(run)
     run.backend.model.train()
     log.log(step, result, kind="eval")
     return result
+
+
+def evaluate_ema(run: Run) -> dict[str, float]:
+    """The EMA weights' top-1/top-5, GMACs and keep ratios, under `ema_*` keys (all ranks call)."""
+    weights = run.ema.full_state_dict(run.backend.device)
+    if run.ema_model is None:
+        run.ema_model = build_ema_model(run.cfg, run.backend.device)
+    run.ema_model.load_state_dict(weights, strict=True)
+    result = evaluate(run.ema_model, run.ema_model, run.eval_loader, run.device_aug.normalize, run.backend.device,
+                      torch.float32, run.cfg.model.img_size)
+    return {"ema_" + key.removeprefix("student_"): value for key, value in result.items()
+            if key.startswith(("student_", "keep_ratio/"))}

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from trainer.infra.ema import MasterShard
+
 if TYPE_CHECKING:
     from trainer.config import Config
 
@@ -78,6 +80,12 @@ class Backend(ABC):
     def load(self, directory: str) -> None:
         """Restore what `save` wrote; first refuses files that need pickle
         (`trainer.infra.checkpoint.verify_checkpoint_dir`) unless `allow_pickle`."""
+
+    def master_shards(self) -> list[MasterShard]:
+        """The fp32 master values this rank holds, per parameter (what the EMA averages). Default: the
+        module's own parameters, full on every rank (DDP under autocast keeps its fp32 masters there)."""
+        return [MasterShard(name, p.detach(), 0, tuple(p.shape), p.requires_grad, replicated=True)
+                for name, p in self.module.named_parameters()]
 
     def gathered_parameters(self) -> contextlib.AbstractContextManager:
         """Context in which `module`'s parameters hold their full values (ZeRO-3 gathers: all ranks call)."""

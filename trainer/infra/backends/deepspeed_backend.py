@@ -16,6 +16,7 @@ from trainer.config import Config
 from trainer.infra.backends.base import Backend
 from trainer.infra.backends.deepspeed_config import load_ds_config
 from trainer.infra.checkpoint import verify_checkpoint_dir
+from trainer.infra.ema import MasterShard
 
 # Data-only classes DeepSpeed pickles into its ZeRO optimizer files (checked on ZeRO-1/2/3 bf16 and fp32
 # checkpoints; the loss scalers carry fp16 state). Constructing them runs no code of the file's choosing.
@@ -114,6 +115,20 @@ class DeepSpeedBackend(Backend):
         if path is None:
             raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
         self._skipped_before = self.engine.skipped_steps  # restored by the load: not a skip of this run
+
+    def master_shards(self) -> list[MasterShard]:
+        """Each trainable parameter's fp32 master fragment on this rank, from the `_hp_mapping` the ZeRO-1/2
+        and bf16 optimizers link to every parameter (None: this rank holds none of it). Parameters without
+        one have no separate master (fp32 without ZeRO) or are frozen: the module's values, full."""
+        shards = []
+        for name, p in self.engine.module.named_parameters():
+            mapping = getattr(p, "_hp_mapping", False)
+            if mapping is False or not p.requires_grad:
+                shards.append(MasterShard(name, p.detach(), 0, tuple(p.shape), p.requires_grad, replicated=True))
+            elif mapping is not None:
+                shards.append(MasterShard(name, mapping.get_hp_fragment(), mapping.lp_fragment_address.start,
+                                          tuple(p.shape)))
+        return shards
 
     def gathered_parameters(self) -> contextlib.AbstractContextManager:
         if self.engine.zero_optimization_stage() == 3:
