@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # them once for the demo and the tests alike, and another checkout's venv cannot invalidate them.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup demo test test-fast lint bench-data cluster clean
+.PHONY: setup demo demo-sweep test test-fast lint bench-data cluster clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(PY) -m trainer.demo --out runs/demo
+
+# Optional: top-1 against GMACs for both gates at rho 0.5-0.9 (reuses runs/demo's data and teacher; ~25 min).
+demo-sweep: setup
+	$(PY) -m trainer.demo.sweep --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q

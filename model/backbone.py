@@ -8,6 +8,8 @@ import timm
 import torch
 from torch import nn
 
+import model.conv_stem  # noqa: F401  (registers vit_convstem_tiny with timm)
+
 # The tiny flavour used by tests and smoke runs: the same code path as DeiT, milliseconds on a CPU.
 TINY_ARCH = "vit_tiny_patch16_224"
 TINY_VIT_KWARGS = {

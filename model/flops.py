@@ -39,6 +39,13 @@ def linear_weights(module: nn.Module) -> int:
     return sum(full_numel(m.weight) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
+def patch_embed_macs(patch_embed: nn.Module) -> int:
+    """MACs per patch token of the patch embedding: its weight sizes (one output per patch), or what a
+    multi-layer stem reports itself (`macs_per_patch`, model.conv_stem)."""
+    per_patch = getattr(patch_embed, "macs_per_patch", None)
+    return per_patch() if callable(per_patch) else linear_weights(patch_embed)
+
+
 def vit_cost(vit: nn.Module) -> ViTCost:
     """Read the compute-relevant shapes off a timm VisionTransformer."""
     patch = vit.patch_embed.patch_size
@@ -52,7 +59,7 @@ def vit_cost(vit: nn.Module) -> ViTCost:
     return ViTCost(
         patch_size=patch,
         num_prefix=vit.num_prefix_tokens,
-        patch_linear=linear_weights(vit.patch_embed),
+        patch_linear=patch_embed_macs(vit.patch_embed),
         head_linear=sum(linear_weights(h) for h in heads),
         block_linear=tuple(linear_weights(blk) for blk in vit.blocks),
         block_attn_dim=tuple(attn_dims),

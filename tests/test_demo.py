@@ -8,7 +8,8 @@ import os
 import pytest
 
 from trainer.demo.pipeline import run_demo
-from trainer.demo.report import GOALS, STUDENTS
+from trainer.demo.report import GOALS, STUDENTS, paired_difference
+from trainer.demo.sweep import run_sweep
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -32,6 +33,13 @@ def test_demo_trains_teacher_and_students_and_writes_the_report(tmp_path, monkey
         row = summary["measured"]["models"][name]
         assert row["cpu_img_s"] > 0 and 0 <= row["kept_token_precision"] <= 1
         assert 0 < row["random_precision"] < 1
+        # The paired comparison ran on the same 40 images the evaluate CLI scored (AS-ViT's batch-mean keep
+        # count depends on how the images are batched, so only DynamicViT's top-1 must agree exactly).
+        paired = row["paired"]
+        assert paired["images"] == 40
+        expected = summary["evaluate"][name]["student_top1"] - summary["evaluate"]["teacher"]["student_top1"]
+        if name == "dynamicvit":
+            assert abs(paired["top1_diff"] - expected) < 1e-6
     # The students started from the exported teacher (a real file the launch.sh runs were given).
     assert os.path.getsize(os.path.join(out, "teacher.safetensors")) > 0
 
@@ -45,3 +53,27 @@ def test_demo_trains_teacher_and_students_and_writes_the_report(tmp_path, monkey
         with open(os.path.join(out, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
+    assert "What pruning cost" in report and "95% interval" in report
+    # Evaluated periodically: the students' eval curves have a point before the end.
+    with open(os.path.join(out, "dynamicvit", "metrics.jsonl")) as f:
+        assert sum('"kind": "eval"' in line for line in f) >= 1
+
+    # make demo-sweep, on the same folder (reuses its data and teacher): one ratio per gate.
+    sweep = run_sweep(out, ratios=[0.7], epochs=1)
+    assert [(p["gate"], p["ratio"]) for p in sweep["points"]] == [("dynamicvit", 0.7), ("asvit", 0.7)]
+    assert all(p["mmacs"] < sweep["teacher"]["mmacs"] for p in sweep["points"])
+    with open(os.path.join(out, "sweep", "sweep.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_difference_interval_by_hand():
+    import numpy as np
+
+    teacher = np.array([1, 1, 1, 1, 0, 0, 1, 1], dtype=float)
+    student = np.array([1, 1, 0, 1, 0, 1, 1, 0], dtype=float)
+    # differences 0 0 -1 0 0 1 0 -1: mean -1/8, sd (ddof 1) sqrt((3 * (7/8)^2 ... )) computed by numpy below
+    diff = student - teacher
+    out = paired_difference(student, teacher)
+    assert out["top1_diff"] == pytest.approx(-12.5)
+    assert out["top1_diff_ci95"] == pytest.approx(100 * 1.96 * diff.std(ddof=1) / np.sqrt(8))
+    assert (out["student_only_right"], out["teacher_only_right"]) == (1, 2)

@@ -223,3 +223,24 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
         student.forward_masked(x, keep_masks=masks).logits.sum().backward()
         grads.append(student.vit.blocks[0].attn.qkv.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_mask_chaining_follows_each_papers_code_and_changes_only_gradients() -> None:
+    """DynamicViT chains its decisions (official `* prev_decision`), AS-ViT does not (official policy = mask)."""
+    assert tiny("dynamicvit").chain_masks and not tiny("asvit").chain_masks
+    x = images(batch=4)
+    outs = {}
+    for chain in (True, False):
+        student = tiny("asvit", chain_masks=chain)
+        student.calibrate_thresholds(x)  # thresholds between scores: their straight-through gradient is nonzero
+        out = student.train()(x)
+        out.gmacs.mean().backward()
+        outs[chain] = (out, [g.threshold.grad.clone() for g in student.gates])
+    (chained, chained_grads), (plain, plain_grads) = outs[True], outs[False]
+    # Stage 0 has no previous mask; later stages differ only where a dropped token would come back.
+    torch.testing.assert_close(chained.keep_masks[0], plain.keep_masks[0], rtol=0, atol=0)
+    for s in range(1, len(plain.keep_masks)):
+        assert torch.all(chained.keep_masks[s] <= plain.keep_masks[s])
+    assert all(g.abs().sum() > 0 for g in plain_grads)
+    # Chained, stage 0's threshold also pays for the tokens it removes from stages 1 and 2.
+    assert not torch.equal(chained_grads[0], plain_grads[0])

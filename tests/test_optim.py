@@ -122,13 +122,13 @@ def test_schedule_without_warmup_starts_at_base_lr():
     assert lr_at(10, 1e-3, 0, 10) == 0.0
 
 
-def test_frozen_group_is_zero_before_unfreezing_then_warms_up_and_ends_at_scaled_min():
-    sched = LRSchedule(base_lr=1e-3, total_steps=120, warmup_steps=10, min_lr=1e-5)
-    assert all(group_lr(s, sched, 0.01, frozen_until=20) == 0.0 for s in range(21))
-    after = [group_lr(s, sched, 0.01, frozen_until=20) for s in range(21, 121)]
-    assert all(lr > 0 for lr in after)
-    assert group_lr(30, sched, 0.01, frozen_until=20) == pytest.approx(1e-5)  # warm-up done: base * scale
-    assert max(after) == pytest.approx(1e-5)
+def test_frozen_group_is_zero_before_unfreezing_then_joins_the_common_schedule():
+    # DynamicViT: warm-up over epochs 0-5, backbone frozen for the same 5, then 0.01 x the scheduled LR.
+    sched = LRSchedule(base_lr=1e-3, total_steps=120, warmup_steps=20, min_lr=1e-5)
+    assert all(group_lr(s, sched, 0.01, frozen_until=20) == 0.0 for s in range(20))
+    assert group_lr(20, sched, 0.01, frozen_until=20) == pytest.approx(1e-5)  # the peak x 0.01, no new warm-up
+    after = [group_lr(s, sched, 0.01, frozen_until=20) for s in range(20, 121)]
+    assert after == pytest.approx([0.01 * lr_at(s, 1e-3, 20, 120, 1e-5) for s in range(20, 121)])
     assert after[-1] == pytest.approx(1e-7)
 
 
@@ -191,3 +191,28 @@ def test_asvit_thresholds_step_at_their_own_small_lr():
     assert groups["gate_no_decay"]["lr"] == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="threshold_lr_scale"):
         param_groups(model, lr=1e-3, weight_decay=0.05, threshold_lr_scale=-1)
+
+
+def test_frozen_params_leave_the_optimizer_and_a_typo_is_an_error():
+    from model import TINY_ARCH, TINY_VIT_KWARGS, create_student
+    from trainer.loop.build import TrainingError, freeze_params
+
+    student = create_student(TINY_ARCH, gate="dynamicvit", **TINY_VIT_KWARGS)
+    frozen = freeze_params(student, ["cls_token", "pos_embed"])
+    assert frozen == ["vit.cls_token", "vit.pos_embed"]
+    grouped = {id(p) for g in param_groups(student, lr=1e-3, weight_decay=0.05) for p in g["params"]}
+    assert id(student.vit.cls_token) not in grouped and id(student.vit.pos_embed) not in grouped
+    with pytest.raises(TrainingError, match="'pos_embd' matches no parameter"):
+        freeze_params(student, ["pos_embd"])
+
+
+def test_schedule_scales_lr_by_the_reference_batch_and_warms_up_in_epochs():
+    from trainer.config import load_config
+    from trainer.loop.build import build_schedule
+
+    cfg = load_config(None, ["data.batch_size=128", "optim.lr=2e-5", "optim.lr_reference_batch=512",
+                             "optim.warmup_epochs=5", "optim.min_lr=2e-6"])
+    schedule = build_schedule(cfg, steps=3000, steps_per_epoch=100.0)  # one rank: global batch 128
+    assert schedule.base_lr == pytest.approx(2e-5 * 128 / 512) and schedule.warmup_steps == 500
+    cfg.optim.warmup_epochs = -1.0
+    assert build_schedule(cfg, steps=3000, steps_per_epoch=100.0).warmup_steps == 150  # 5% of the run

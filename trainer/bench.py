@@ -4,12 +4,14 @@
     python -m trainer.bench train-step --arch deit_small_patch16_224 --gate dynamicvit --batch-size 16
     python -m trainer.bench data       --img-size 384 --workers 1 [--data IMAGEFOLDER]
     python -m trainer.bench data       --source http [--latency-ms 50] [--mb-per-s 20]
+    python -m trainer.bench teacher-precision --config runs/demo/dynamicvit/config.yaml
 
 inference: dense vs pruned eval img/s side by side, and the analytic GMACs ratio (the physical limit).
 train-step: forward+backward of the dense and the gated student and the teacher forward, side by side;
             img/s of the distillation step, and MFU on GPUs with a known peak (H100, H200, A100).
 data: decoded+augmented img/s per worker, our shard pipeline vs timm's ImageFolder loader; with --source http,
       the same loader over a slow loopback HTTP server vs local disk (data.bench_stream).
+teacher-precision: KD and token targets of a bf16 teacher against an fp32 one (trainer.teacher_precision).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-BENCHES = ("inference", "train-step", "data")
+BENCHES = ("inference", "train-step", "data", "teacher-precision")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -30,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from data.bench_stream import main as stream_main
 
         stream_main(args[1:])
+    elif args[0] == "teacher-precision":
+        from trainer.teacher_precision import main as precision_main
+
+        precision_main(args[1:])
     elif args[0] == "data":
         from data.bench import main as data_main
 

@@ -515,6 +515,8 @@ def validate_model(cfg: Config, check_files: bool = True) -> None:
     """Resolution vs patch size, gate locations vs depth, and whether the weight files fit the models."""
     import timm
 
+    import model.conv_stem  # noqa: F401  (registers this project's archs with timm)
+
     m, t = cfg.model, cfg.teacher
     _check(timm.is_model(m.arch), "model.arch", m.arch, "not a timm model name")
     if t.arch:

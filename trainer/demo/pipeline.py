@@ -35,7 +35,8 @@ from trainer.infra.dist import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEACHER_CONFIG = os.path.join(REPO, "trainer", "configs", "demo_teacher.yaml")
-STUDENT_CONFIG = os.path.join(REPO, "trainer", "configs", "demo.yaml")
+STUDENT_CONFIGS = {"dynamicvit": os.path.join(REPO, "trainer", "configs", "demo.yaml"),
+                   "asvit": os.path.join(REPO, "trainer", "configs", "demo_asvit.yaml")}
 
 
 class DemoError(RuntimeError):
@@ -82,14 +83,16 @@ def train_teacher(out: str, shards: str, procs: int, epochs: float) -> str:
     return weights
 
 
-def train_student(out: str, name: str, gate: str, shards: str, teacher: str, procs: int, epochs: float) -> str:
-    """A pruned student from the teacher's weights, distilled by it, through launch.sh (DeepSpeed ZeRO-2)."""
+def train_student(out: str, name: str, gate: str, shards: str, teacher: str, procs: int, epochs: float,
+                  **overrides: object) -> str:
+    """A pruned student from the teacher's weights, distilled by it, through launch.sh (DeepSpeed ZeRO-2), with
+    its gate's demo recipe (demo.yaml, demo_asvit.yaml) and `overrides` (config keys)."""
     run_dir = os.path.join(out, name)
     cmd = ["bash", os.path.join(REPO, "launch.sh"), "--num_nodes", "1", "--num_gpus", str(procs),
-           "--master_port", str(free_port()), "--config", STUDENT_CONFIG]
+           "--master_port", str(free_port()), "--config", STUDENT_CONFIGS[gate]]
     _run(f"{name} student: launch.sh (DeepSpeed ZeRO-2, {procs} ranks)", cmd + _sets({
-        "prune.gate": gate, "model.checkpoint": teacher, "teacher.checkpoint": teacher, "data.train": shards,
-        "data.val": shards, "run.dir": run_dir, "run.name": name, "train.epochs": epochs}))
+        "model.checkpoint": teacher, "teacher.checkpoint": teacher, "data.train": shards, "data.val": shards,
+        "run.dir": run_dir, "run.name": name, "train.epochs": epochs, **overrides}))
     return run_dir
 
 
@@ -100,8 +103,8 @@ def evaluate_run(run_dir: str, shards: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def run_demo(out: str, procs: int = 2, train_per_class: int = 600, val_per_class: int = 60,
-             teacher_epochs: float = 12, student_epochs: float = 4, asvit_epochs: float = 2,
+def run_demo(out: str, procs: int = 2, train_per_class: int = 2000, val_per_class: int = 200,
+             teacher_epochs: float = 3, student_epochs: float = 2, asvit_epochs: float = 2,
              data_workers: int = 2) -> dict:
     """All stages; returns the summary (also written to OUT/summary.json)."""
     from data.demo import build_demo
@@ -147,10 +150,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m trainer.demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--procs", type=int, default=2, help="ranks per training run (default 2)")
-    p.add_argument("--train-per-class", type=int, default=600)
-    p.add_argument("--val-per-class", type=int, default=60)
-    p.add_argument("--teacher-epochs", type=float, default=12)
-    p.add_argument("--student-epochs", type=float, default=4)
+    p.add_argument("--train-per-class", type=int, default=2000)
+    p.add_argument("--val-per-class", type=int, default=200,
+                   help="2000 val images: a paired student-teacher interval of about +-1 point")
+    p.add_argument("--teacher-epochs", type=float, default=3)
+    p.add_argument("--student-epochs", type=float, default=2)
     p.add_argument("--asvit-epochs", type=float, default=2)
     args = p.parse_args(argv)
     out = os.path.abspath(args.out)

@@ -144,17 +144,14 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr
 
 
 def group_lr(step: int, schedule: LRSchedule, lr_scale: float = 1.0, frozen_until: int = 0) -> float:
-    """One group's LR: 0 while frozen, else the schedule restarted at unfreezing, times lr_scale.
+    """One group's LR: 0 while frozen, then the common schedule times lr_scale.
 
-    A frozen group gets its own warm-up when it unfreezes rather than a step from 0 to the current
-    rate (the gates have just reshaped its inputs), and its cosine is squeezed into the steps it has
-    left, so every group ends at min_lr * lr_scale at total_steps.
+    As DynamicViT's code (`fix_step`): the backbone joins the gates' warm-up + cosine where it stands when
+    it unfreezes (at 0.01 x the peak after the 5 warm-up epochs), with no warm-up of its own.
     """
     if step < frozen_until:
         return 0.0
-    span = max(schedule.total_steps - frozen_until, 1)
-    warmup = min(schedule.warmup_steps, span)
-    return lr_scale * lr_at(step - frozen_until, schedule.base_lr, warmup, span, schedule.min_lr)
+    return lr_scale * lr_at(step, schedule.base_lr, schedule.warmup_steps, schedule.total_steps, schedule.min_lr)
 
 
 def apply_lr(param_groups: list[dict], step: int, schedule: LRSchedule) -> dict[str, float]:
