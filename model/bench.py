@@ -3,6 +3,7 @@
     python -m model.bench inference --arch deit_small_patch16_224 --gate dynamicvit --keep-ratio 0.7 \
         --batch-size 16 --device cpu
     python -m model.bench train-step --arch deit_small_patch16_224 --gate dynamicvit --batch-size 16
+    python -m model.bench train-step --arch deit_small_patch16_224 --attention bias,fold,chunked --batch-size 16
 
 Each prints one JSON line. Dense and pruned calls alternate after a warm-up and the medians are
 compared, so load from other processes hits both sides alike.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -23,6 +25,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from model.attention import ATTENTION_IMPLS, check_attention
 from model.flops import count_flops
 from model.student import PrunedViT, create_student
 from model.teacher import Teacher
@@ -143,6 +146,18 @@ def _train_step(
     model.zero_grad(set_to_none=True)
 
 
+def _candidate_steps(
+    gated: PrunedViT, names: list[str], images: torch.Tensor, labels: torch.Tensor, dev: torch.device, dtype: str
+) -> dict[str, Callable[[], None]]:
+    """One train step per extra attention implementation, each on its own copy of the gated student."""
+    steps: dict[str, Callable[[], None]] = {}
+    for name in names:
+        model = copy.deepcopy(gated)
+        model.attention = check_attention(name)
+        steps[f"gated_{name}"] = functools.partial(_train_step, model, images, labels, dev, dtype)
+    return steps
+
+
 def bench_train_step(
     arch: str = "deit_small_patch16_224",
     gate: str = "dynamicvit",
@@ -155,15 +170,20 @@ def bench_train_step(
     warmup: int = 1,
     iters: int = 5,
     with_reference: bool = False,
+    attention: str | list[str] = "bias",
 ) -> dict[str, Any]:
     """Side by side: forward+backward of the dense and the gated student, and the teacher's forward.
 
     A distillation step costs gated + teacher; `step_img_s` and `mfu` describe that sum. Model FLOPs
     are counted as the training computes them: the gated student masks tokens instead of dropping them
     (every token is computed), so its forward+backward is 3x the dense forward, plus the teacher's forward.
+    `attention` may list several masked-attention implementations: the first is `gated`, and every one
+    is timed in the same interleaved loop, reported under `attention_candidates` (step_s, overhead).
     """
+    names = [attention] if isinstance(attention, str) else list(attention)
     dev = torch.device(device)
-    gated = create_student(arch, gate, keep_ratio, flops_budget, img_size=img_size).train().to(dev)
+    gated = create_student(arch, gate, keep_ratio, flops_budget, img_size=img_size, attention=names[0])
+    gated = gated.train().to(dev)
     dense = PrunedViT(copy.deepcopy(gated.vit), gate="none").train().to(dev)
     teacher = Teacher(copy.deepcopy(gated.vit)).to(dev)
     size = gated.vit.patch_embed.img_size
@@ -185,14 +205,22 @@ def bench_train_step(
         for blk in reference.vit.blocks:
             blk.attn.fused_attn = False
         steps["reference"] = lambda: _train_step(reference, images, labels, dev, dtype)
+    steps.update(_candidate_steps(gated, names[1:], images, labels, dev, dtype))
     seconds, cpu = time_alternating(steps, dev, warmup, iters)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"attention": names[0]}
+    if len(names) > 1:
+        keys = {names[0]: "gated", **{name: f"gated_{name}" for name in names[1:]}}
+        extra["attention_candidates"] = {
+            name: {"step_s": round(seconds[key], 4), "overhead": round(seconds[key] / seconds["dense"], 3),
+                   "overhead_cpu_time": round(cpu[key] / cpu["dense"], 3)}
+            for name, key in keys.items()
+        }
     if with_reference:
-        extra = {
+        extra.update({
             "reference_step_s": round(seconds["reference"], 4),
             "reference_overhead": round(seconds["reference"] / seconds["dense"], 3),
             "reference_overhead_cpu_time": round(cpu["reference"] / cpu["dense"], 3),
-        }
+        })
     step_s = seconds["gated"] + seconds["teacher"]
     dense_gmacs = count_flops(gated.vit, size)
     # 2 FLOPs per MAC; backward ~2x forward; the teacher runs forward only.
@@ -214,6 +242,16 @@ def bench_train_step(
     }
 
 
+def _attention_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    try:
+        if not names:
+            raise ValueError("empty attention list")
+        return [check_attention(name) for name in names]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by both benchmarks (also used by `python -m trainer.bench`)."""
     parser.add_argument("--arch", default="deit_small_patch16_224")
@@ -230,6 +268,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--with-reference", action="store_true", help="train-step: also time the explicit-softmax path"
     )
+    parser.add_argument(
+        "--attention", default="bias", type=_attention_list,
+        help=f"train-step: masked attention of the gated student, or a comma list timed side by side "
+             f"(the first is 'gated'); any of {', '.join(ATTENTION_IMPLS)}",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -242,6 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kwargs.update({k: getattr(args, k) for k in ("warmup", "iters") if getattr(args, k) is not None})
     if args.bench == "train-step":
         kwargs["with_reference"] = args.with_reference
+        kwargs["attention"] = args.attention
     return fn(**kwargs)
 
 

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from model.attention import attention_dtype, cls_attention_scores, keep_bias, run_block, tap_attention
+from model.attention import (
+    attention_dtype,
+    check_attention,
+    cls_attention_scores,
+    keep_bias,
+    run_block,
+    tap_attention,
+)
 from model.backbone import build_vit, embed, head
 from model.flops import dense_gmacs, num_patches, pruned_gmacs, vit_cost
 from model.gate_types import GATE_TYPES
@@ -61,6 +68,9 @@ class PrunedViT(nn.Module):
     its results depend on the batch size: report it). After an eval forward, `last_keep_counts`
     (list[int] per stage, same for the whole batch) and `last_keep_indices` (list of [B, k_s]
     original patch indices) describe what was kept.
+
+    `attention` picks the key-masked attention of training (`model.attention.ATTENTION_IMPLS`:
+    bias | fold | flex | chunked | reference); eval gathers tokens and never masks.
     """
 
     def __init__(
@@ -71,8 +81,10 @@ class PrunedViT(nn.Module):
         flops_budget: float = 0.65,
         locations: list[int] | None = None,
         chain_masks: bool | None = None,
+        attention: str = "bias",
     ) -> None:
         super().__init__()
+        self.attention = check_attention(attention)
         if gate not in GATE_TYPES:
             raise ValueError(f"gate must be one of {GATE_TYPES}, got {gate!r}")
         if not 0.0 < keep_ratio <= 1.0:
@@ -132,8 +144,8 @@ class PrunedViT(nn.Module):
         self, blk: nn.Module, x: torch.Tensor, keep_full: torch.Tensor | None, bias: torch.Tensor | None
     ) -> torch.Tensor:
         if getattr(self.vit, "grad_checkpointing", False) and torch.is_grad_enabled():
-            return activation_checkpoint(run_block, blk, x, keep_full, bias, use_reentrant=False)
-        return run_block(blk, x, keep_full, bias)
+            return activation_checkpoint(run_block, blk, x, keep_full, bias, self.attention, use_reentrant=False)
+        return run_block(blk, x, keep_full, bias, self.attention)
 
     def forward_masked(
         self, images: torch.Tensor, keep_masks: list[torch.Tensor] | None = None
@@ -156,10 +168,12 @@ class PrunedViT(nn.Module):
                     keep = self._train_keep(stage, x[:, prefix:], keep, scores)
                 masks.append(keep)
                 keep_full = torch.cat([keep.new_ones(batch, prefix), keep], dim=1)
-                bias = keep_bias(keep_full, bias_dtype)
+                # One bias per stage for the `bias` path (other paths, and fp16, build what they need).
+                fused_bias = self.attention == "bias" and bias_dtype != torch.float16
+                bias = keep_bias(keep_full, bias_dtype) if fused_bias else None
             if index in self._scored_blocks and keep_masks is None:
                 with tap_attention(blk.attn) as tap:
-                    x = run_block(blk, x, keep_full, bias)
+                    x = run_block(blk, x, keep_full, bias, self.attention)
                 scores = cls_attention_scores(blk.attn, tap, keep_full, prefix)
             else:
                 x = self._run(blk, x, keep_full, bias)
@@ -309,6 +323,7 @@ def create_student(
     checkpoint: str | Path | None = None,
     allow_pickle: bool = False,
     chain_masks: bool | None = None,
+    attention: str = "bias",
     **timm_kwargs: Any,
 ) -> PrunedViT:
     """A timm ViT `arch` wrapped with `gate` pruning; checkpoint loads dense (and gate) weights from a file.
@@ -317,13 +332,14 @@ def create_student(
     pretrained=True uses timm's normal download path. A checkpoint may be a timm/DeiT file or one
     saved from a student (vit./gates. keys); gates keep their init unless the file has them, and
     gate weights of another gate type are an error. A file that needs pickle (not just tensors) is
-    refused unless allow_pickle=True (only for files you trust).
+    refused unless allow_pickle=True (only for files you trust). `attention` selects the masked
+    attention of training (see PrunedViT).
     """
     if gate not in GATE_TYPES:
         raise ValueError(f"gate must be one of {GATE_TYPES}, got {gate!r}")
     vit = build_vit(arch, img_size=img_size, num_classes=num_classes, **timm_kwargs)
     student = PrunedViT(vit, gate=gate, keep_ratio=keep_ratio, flops_budget=flops_budget, locations=locations,
-                        chain_masks=chain_masks)
+                        chain_masks=chain_masks, attention=attention)
     if checkpoint is not None:
         load_weights(student, checkpoint, allow_pickle)
     return student

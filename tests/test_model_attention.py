@@ -1,4 +1,5 @@
-"""Key-masked attention: the fused additive-bias path and DynamicViT's exact masked softmax agree."""
+"""Key-masked attention: every implementation of a block (bias, fold, chunked) agrees with DynamicViT's
+exact masked softmax; tests/test_attention_candidates.py measures each one's error in detail."""
 
 import pytest
 import torch
@@ -43,33 +44,41 @@ def test_masked_softmax_is_fp32_whatever_the_input(dtype: torch.dtype) -> None:
     assert probs.dtype == torch.float32 and torch.isfinite(probs).all()
 
 
-def test_fused_bias_path_and_reference_softmax_agree_in_value_and_gradient() -> None:
+@pytest.mark.parametrize("attention", ["bias", "fold", "chunked", "flex"])
+def test_every_path_and_reference_softmax_agree_in_value_and_gradient(attention: str) -> None:
     blk = make_block()
     x = torch.randn(2, 9, 32)
     keep = random_keep(2, 9).requires_grad_(True)
     outputs, grads = [], []
-    for fused in (True, False):
+    for fused in (True, False):  # fused_attn = False selects the reference whatever is asked
         blk.attn.fused_attn = fused
         keep.grad = None
-        out = run_block(blk, x, keep, keep_bias(keep, x.dtype))
+        if attention == "flex" and fused:  # no CPU backward: the forward only
+            with torch.no_grad():
+                outputs.append(run_block(blk, x, keep.detach(), None, attention))
+            grads.append(None)
+            continue
+        out = run_block(blk, x, keep, keep_bias(keep, x.dtype) if attention == "bias" else None, attention)
         (out * torch.linspace(-1, 1, 32)).sum().backward()
         outputs.append(out.detach())
         grads.append(keep.grad.clone())
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
-    assert grads[0].abs().sum() > 0 and grads[1].abs().sum() > 0  # both reach the keep mask
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-4)
+    if grads[0] is not None:
+        assert grads[0].abs().sum() > 0 and grads[1].abs().sum() > 0  # both reach the keep mask
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["bias", "fold"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gate_gradient_of_dropped_keys_survives_half_precision(dtype: torch.dtype) -> None:
-    # fp16 routes to the fp32 reference softmax (its O(1e-6) weights are subnormal in fp16);
-    # bf16 keeps the fused path. Either way the gradient matches fp32.
+def test_gate_gradient_of_dropped_keys_survives_half_precision(dtype: torch.dtype, attention: str) -> None:
+    # fp16 routes to the chunked fp32-tile softmax (its O(1e-6) weights are subnormal in fp16);
+    # bf16 keeps the kernel path asked for. Either way the gradient matches fp32.
     x = torch.randn(2, 9, 32)
     keep = random_keep(2, 9)
     grads = []
     for blk, dt in ((make_block(), torch.float32), (make_block().to(dtype), dtype)):
         k = keep.clone().requires_grad_(True)
-        out = run_block(blk, x.to(dt), k, keep_bias(k, dt))
+        out = run_block(blk, x.to(dt), k, None, attention)
         (out.float() * torch.linspace(-1, 1, 32)).sum().backward()
         grads.append(k.grad)
     dropped = keep == 0

@@ -6,10 +6,13 @@ import torch.nn.functional as F
 
 from model import TINY_ARCH, TINY_VIT_KWARGS, create_student
 
+# (attention option, blk.attn.fused_attn): every masked path, and timm's flag selecting the reference
+PATHS = [("bias", True), ("fold", True), ("chunked", True), ("bias", False)]
 
-def tiny(gate: str) -> torch.nn.Module:
+
+def tiny(gate: str, attention: str = "bias") -> torch.nn.Module:
     torch.manual_seed(0)
-    student = create_student(TINY_ARCH, gate=gate, **TINY_VIT_KWARGS)
+    student = create_student(TINY_ARCH, gate=gate, attention=attention, **TINY_VIT_KWARGS)
     if gate == "asvit":
         with torch.no_grad():  # thresholds inside the score range, so masks are neither all-0 nor all-1
             for gate_module in student.gates:
@@ -31,10 +34,10 @@ def check_train_step(student: torch.nn.Module, x: torch.Tensor, autocast_dtype: 
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.gates.parameters())
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(("attention", "fused"), PATHS)
 @pytest.mark.parametrize("gate", ["dynamicvit", "asvit"])
-def test_bf16_autocast_train_and_eval_are_finite(gate: str, fused: bool) -> None:
-    student = tiny(gate).train()
+def test_bf16_autocast_train_and_eval_are_finite(gate: str, attention: str, fused: bool) -> None:
+    student = tiny(gate, attention).train()
     for blk in student.vit.blocks:
         blk.attn.fused_attn = fused
     x = torch.randn(4, 3, 32, 32)
@@ -43,12 +46,14 @@ def test_bf16_autocast_train_and_eval_are_finite(gate: str, fused: bool) -> None
         assert torch.isfinite(student.eval()(x)).all()
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(("attention", "fused"), PATHS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("gate", ["dynamicvit", "asvit"])
-def test_half_precision_modules_train_and_eval_are_finite(gate: str, dtype: torch.dtype, fused: bool) -> None:
+def test_half_precision_modules_train_and_eval_are_finite(
+    gate: str, dtype: torch.dtype, attention: str, fused: bool
+) -> None:
     # DeepSpeed casts the whole module (model.half() / .bfloat16()); gates must still decide in fp32.
-    student = tiny(gate).to(dtype).train()
+    student = tiny(gate, attention).to(dtype).train()
     for blk in student.vit.blocks:
         blk.attn.fused_attn = fused
     x = (torch.randn(4, 3, 32, 32) * 4).to(dtype)

@@ -244,3 +244,20 @@ def test_mask_chaining_follows_each_papers_code_and_changes_only_gradients() -> 
     assert all(g.abs().sum() > 0 for g in plain_grads)
     # Chained, stage 0's threshold also pays for the tokens it removes from stages 1 and 2.
     assert not torch.equal(chained_grads[0], plain_grads[0])
+
+
+@pytest.mark.parametrize("gate", ["dynamicvit", "asvit"])
+def test_activation_checkpointing_gives_the_same_gradients(gate: str) -> None:
+    """train.activation_checkpointing: blocks recomputed in the backward, the same loss and gradients."""
+    x = images(batch=4)
+    grads = []
+    for checkpointing in (False, True):
+        student = tiny(gate).train()
+        student.vit.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(3)  # the same Gumbel noise in both runs
+        out = student(x)
+        (out.logits.square().mean() + out.tokens.mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)

@@ -55,7 +55,7 @@ def test_non_finite_steps_are_skipped_on_every_rank_counted_and_stop_the_run(sha
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert out.count(STOP) >= 2, out[-4000:]  # raised on both ranks (and repeated in torchrun's summary)
-    assert f"step 2: non-finite loss on some rank (micro-batch {accum - 1}" in out
+    assert "step 2: non-finite loss on some rank; update skipped on every rank" in out
     assert "step 4: non-finite gradients" in out
 
     records = train_records(run_dir)

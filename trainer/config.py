@@ -21,7 +21,7 @@ import yaml
 
 from data.augment_config import AugmentConfig
 from data.sources import NetOptions
-from model.gate_types import GateType
+from model.gate_types import AttentionImpl, GateType
 
 Precision = Literal["bf16", "fp16", "fp32"]
 BackendName = Literal["deepspeed", "accelerate"]
@@ -125,6 +125,11 @@ class PruneConfig:
     chain_masks: bool | None = None
     """Multiply each stage's keep decision by the previous stage's (null = each paper's code: DynamicViT
     chains, AS-ViT does not). The forward is the same either way; the gradients differ."""
+    attention: AttentionImpl = "bias"
+    """Key-masked attention of training (eval never masks): bias (additive log-mask through SDPA) | fold
+    (log-mask folded into extra q/k channels plus a self key for the diagonal: maskless SDPA, so flash/cuDNN
+    can run) | flex (FlexAttention; CUDA only) | chunked (fp32 score tiles, bounded memory) | reference
+    (DynamicViT's explicit fp32 N x N softmax). fp16 runs chunked for bias and fold."""
     calibrate_thresholds: bool = True
     """AS-ViT: set the thresholds from the first training batch so the start meets flops_budget (false = the
     official fixed inits (s+1) x 1e-3 at 196 patches, scaled by 196/N)."""
@@ -184,6 +189,9 @@ class TrainSchedule:
     """Epochs over data.train when steps is 0."""
     seed: int = 0
     """Seeds the data order, augmentation and model randomness (all pure functions of the step)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward (timm's grad checkpointing): less memory, ~1/3 more
+    compute."""
     max_bad_steps: int = 5
     """Stop after this many consecutive skipped steps with a non-finite loss or gradients (bf16/fp32)."""
 
@@ -406,7 +414,8 @@ def _validate_choices(cfg: Config) -> None:
     for key, value, typ in (("prune.gate", cfg.prune.gate, GateType), ("precision", cfg.precision, Precision),
                             ("backend.name", cfg.backend.name, BackendName),
                             ("log.progress", cfg.log.progress, Progress),
-                            ("prune.flops_loss", cfg.prune.flops_loss, FlopsLoss)):
+                            ("prune.flops_loss", cfg.prune.flops_loss, FlopsLoss),
+                            ("prune.attention", cfg.prune.attention, AttentionImpl)):
         _check(value in get_args(typ), key, value, f"must be one of {get_args(typ)}")
 
 

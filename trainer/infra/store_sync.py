@@ -96,3 +96,24 @@ class Watchdog:
                 print(msg, file=sys.stderr, flush=True)  # before the post: the failed rank exits on it
                 s.store.set(s._key(self.phase, s.rank), msg)
                 os._exit(1)
+
+
+class StoreAnyRank:
+    """`any_rank(flag)` through the store: True on every rank if any rank passed True. A TCP round trip to
+    the store and no device collective, so no tensor is read and a GPU's queue is never drained (the data
+    loader's skip-rate agreement runs every few batches). All ranks must call it equally often."""
+
+    def __init__(self, name: str, timeout_s: float = 1800.0):
+        self.name, self.timeout_s, self.calls = name, timeout_s, 0
+        self.prefix = f"prunevit/{name}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+    def __call__(self, flag: bool) -> bool:
+        if not dist.is_dist():
+            return flag
+        self.calls += 1
+        sync = RankSync(f"{self.prefix}/{self.calls}", self.name, self.timeout_s)
+        # A timeout also comes back as a message: a rank that is gone stops the others too.
+        flagged = bool(sync.agree("flag", "1" if flag else ""))
+        if self.calls > 2:  # every rank has read call n-2's keys before posting call n-1's: drop ours
+            sync.store.delete_key(RankSync(f"{self.prefix}/{self.calls - 2}", "", 0)._key("flag", sync.rank))
+        return flagged

@@ -23,6 +23,7 @@ from trainer.infra import checkpoint as ckpt
 from trainer.infra import dist, faults
 from trainer.infra.backends import Backend, create_backend
 from trainer.infra.ema import WeightEMA
+from trainer.infra.store_sync import StoreAnyRank
 from trainer.loop.losses import LossWeights
 from trainer.loop.optim import LRSchedule, build_optimizer
 
@@ -78,7 +79,8 @@ def build_student(cfg: Config, checkpoint: str | None = None) -> PrunedViT:
     source = checkpoint if checkpoint is not None else (m.checkpoint or None)
     from_training_run = source is not None and os.path.isdir(source)
     student = create_student(m.arch, gate=p.gate, keep_ratio=p.keep_ratio, flops_budget=p.flops_budget,
-                             locations=p.locations or None, chain_masks=p.chain_masks, img_size=m.img_size,
+                             locations=p.locations or None, chain_masks=p.chain_masks, attention=p.attention,
+                             img_size=m.img_size,
                              num_classes=m.num_classes,
                              checkpoint=None if from_training_run else source, allow_pickle=cfg.ckpt.allow_pickle,
                              drop_path_rate=m.drop_path, **timm_kwargs(m.kwargs, m.pretrained))
@@ -118,10 +120,11 @@ def build_loaders(cfg: Config, aug: AugmentConfig, device: torch.device) -> tupl
         raise TrainingError(f"data.train={redact(d.train)!r}: the ranks found different shards (files changed during "
                             f"start-up, or nodes list them differently); every rank must read the same list: "
                             f"use a shard directory with _info.json, or restart once the files are in place")
-    # any_rank: a skip-rate stop is taken by all ranks at the same batch, never by one alone (no hang).
+    # any_rank: a skip-rate stop is taken by all ranks at the same batch, never by one alone (no hang); agreed
+    # through the store, so no device collective runs between log steps.
     loader = TrainLoader(plan, rank, train_transform(img, aug), cfg.data.max_skip_fraction,
                          cfg.data.skip_check_min_samples, pin_memory=device.type == "cuda",
-                         use_processes=cfg.data.workers > 0, any_rank=lambda flag: dist.any_rank(flag, device))
+                         use_processes=cfg.data.workers > 0, any_rank=StoreAnyRank("data-skip-rate"))
     if not cfg.data.val:
         return loader, None
     val = resolve_split(d.val, d.val_split, net, d.count_samples)
@@ -249,10 +252,12 @@ def build_run(cfg: Config) -> Run:
     schedule = build_schedule(cfg, steps, loader.steps_per_epoch(0) / cfg.optim.accum_steps)
     o = cfg.optim
     freeze_params(student, o.frozen_params)
+    if cfg.train.activation_checkpointing:
+        student.vit.set_grad_checkpointing(True)  # PrunedViT runs each block through torch's checkpoint
     optimizer = build_optimizer(student, schedule.base_lr, o.weight_decay, tuple(o.betas), o.eps, o.backbone_lr_scale,
                                 int(o.backbone_frozen_fraction * steps),
                                 gate_weight_decay=None if o.gate_weight_decay < 0 else o.gate_weight_decay,
-                                threshold_lr_scale=o.threshold_lr_scale)
+                                threshold_lr_scale=o.threshold_lr_scale, fused=backend.fused_optimizer)
     resume_from, torn = resolve_resume(cfg)
     if cfg.prune.gate == "asvit" and cfg.prune.calibrate_thresholds and not resume_from:
         calibrate_asvit_thresholds(cfg, student, loader, device_aug)

@@ -103,12 +103,15 @@ def build_optimizer(
     backbone_frozen_until: int = 0,
     gate_weight_decay: float | None = None,
     threshold_lr_scale: float = 1.0,
+    fused: bool = False,
 ) -> torch.optim.AdamW:
-    """torch AdamW (default foreach implementation) over param_groups(student, ...)."""
+    """torch AdamW over param_groups(student, ...): the default foreach implementation, or the fused one
+    (which can skip a step on the device, given a `found_inf` flag)."""
     groups = param_groups(
         student, lr, weight_decay, backbone_lr_scale, backbone_frozen_until, gate_weight_decay, threshold_lr_scale
     )
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                             fused=True if fused else None)
 
 
 @dataclass(frozen=True)

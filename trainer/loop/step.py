@@ -32,25 +32,32 @@ def seed_micro_batch(seed: int, step: int, index: int) -> None:
 
 @dataclass(frozen=True)
 class StepResult:
-    """What the backend did with a step: grad norm (None if it computed none) and whether it skipped the
-    update; `poisoned` says why the trainer made the gradients non-finite on purpose ("" if it did not)."""
+    """What a step did, as the device and the backend know it: nothing here is read on the host until
+    `BadSteps.settle` (log steps, checkpoints, the end).
 
-    grad_norm: float | None
-    skipped: bool
-    poisoned: str
+    grad_norm: the update's gradient norm (a tensor, a float from DeepSpeed, or None if none was computed);
+    skipped: whether the backend skipped the update (a bool, or a 0-d tensor from a device-side skip);
+    nonfinite_loss: 0-d tensor, 1 if any of this rank's micro-batches had a non-finite loss.
+    """
+
+    grad_norm: torch.Tensor | float | None
+    skipped: torch.Tensor | bool
+    nonfinite_loss: torch.Tensor
 
 
 def train_step(run: Run, batches: Iterator[dict], step: int, window: MetricsWindow,
                keys_log: KeyLog | None = None) -> StepResult:
     """Optimizer step `step` (0-based): every micro-batch's forward and backward, then the backend's step.
 
-    A non-finite loss on any rank drops the whole optimizer step on every rank: backward of a NaN-scaled
-    loss makes every gradient non-finite, and the backend skips such a step with the window's earlier
-    micro-batches (backward and step still run, so every rank issues the same collectives and DeepSpeed's
-    micro-step count stays aligned).
+    A non-finite loss on any rank drops the whole optimizer step on every rank, decided on the device: the
+    loss is multiplied by NaN where it is not finite, so this rank's gradients become non-finite, the
+    gradient all-reduce carries that to every rank, and the backend's overflow check skips the step
+    everywhere, with the window's earlier micro-batches. No tensor value is read on the host here
+    (on a GPU each read would drain the queue); what happened is read at log steps (`BadSteps.settle`).
     """
     cfg, backend = run.cfg, run.backend
-    poisoned, update = "", {}
+    update: dict = {}
+    nonfinite = None
     for micro in range(cfg.optim.accum_steps):
         batch = window.timed_next(batches)
         # Seed after fetching: starting a DataLoader draws from the global generator itself.
@@ -71,50 +78,84 @@ def train_step(run: Run, batches: Iterator[dict], step: int, window: MetricsWind
             loss = terms["total"]
             if micro == cfg.optim.accum_steps - 1:
                 loss = faults.inject_loss(loss, step + 1)
-            finite = not dist.any_rank(not bool(torch.isfinite(loss.detach()).item()))
-            if not finite and not poisoned:
-                poisoned = (f"non-finite loss on some rank (micro-batch {micro}; this rank's terms "
-                            f"{ {k: round(float(v.detach()), 4) for k, v in terms.items()} })")
-            backend.backward(loss * float("nan") if poisoned else loss)
+            finite = torch.isfinite(loss.detach())
+            nonfinite = ~finite if nonfinite is None else nonfinite | ~finite
+            backend.backward(loss * torch.where(finite, 1.0, float("nan")))
             update = backend.step()  # {} before the accumulation boundary: the last micro-batch's counts
-        if finite:
-            window.add_micro_batch(terms, out)
-    return StepResult(update.get("grad_norm"), bool(update.get("skipped")), poisoned)
+        window.add_micro_batch(terms, out, finite)
+    return StepResult(update.get("grad_norm"), update.get("skipped", False), nonfinite.float())
 
 
 class BadSteps:
     """Counts steps whose update was skipped for non-finite values, and stops the run when too many come in
-    a row (train.max_bad_steps). An update that went through with non-finite gradients stops it at once."""
+    a row (train.max_bad_steps). An update that went through with non-finite gradients stops it.
+
+    Steps are recorded as the device left them and settled (read, agreed over ranks, judged in order) only
+    at log steps, before a checkpoint and at the end, so a bad stretch is acted on at the next of those.
+    """
 
     def __init__(self, max_in_a_row: int, fp16: bool, total: int = 0, skipped_total: int = 0):
         self.max_in_a_row, self.fp16 = max_in_a_row, fp16
         self.in_a_row, self.total, self.skipped_total = 0, total, skipped_total
         self.last_reason = ""
+        self.pending: list[tuple[int, StepResult]] = []
+        self.failure: TrainingError | None = None  # set by settle: the run must stop (after logging)
 
-    def record(self, step: int, result: StepResult, backend_name: str) -> None:
-        """Account for step `step` (1-based)."""
-        norm = result.grad_norm
-        nonfinite_norm = norm is not None and not math.isfinite(norm)
-        if not result.skipped and (result.poisoned or nonfinite_norm):
-            raise TrainingError(f"step {step}: the {backend_name} backend applied an update with non-finite "
-                                f"gradients ({result.poisoned or f'grad norm {norm}'}); the weights are no longer "
-                                f"trustworthy: resume from the last checkpoint")
-        self.skipped_total += result.skipped
+    def record(self, step: int, result: StepResult) -> None:
+        """Keep step `step` (1-based) for the next `settle`; reads nothing."""
+        self.pending.append((step, result))
+
+    def settle(self, backend_name: str, device: torch.device) -> None:
+        """Read the recorded steps in one go (a non-finite loss on any rank counts for all) and judge them in
+        order; a step that must stop the run sets `failure` (raise it once the window is logged)."""
+        if not self.pending or self.failure is not None:
+            return
+        flags = torch.stack([torch.stack([torch.as_tensor(r.skipped, dtype=torch.float32, device=device),
+                                          r.nonfinite_loss.to(device),
+                                          torch.as_tensor(_norm_is_finite(r.grad_norm), dtype=torch.float32,
+                                                          device=device)])
+                             for _, r in self.pending])
+        flags[:, 1] = dist.all_reduce(flags[:, 1].contiguous(), "max")
+        rows = flags.tolist()
+        steps = [s for s, _ in self.pending]
+        self.pending = []
+        for step, (skipped, nonfinite_loss, norm_finite) in zip(steps, rows, strict=True):
+            self.failure = self._judge(step, bool(skipped), bool(nonfinite_loss), bool(norm_finite), backend_name)
+            if self.failure is not None:
+                return
+
+    def _judge(self, step: int, skipped: bool, nonfinite_loss: bool, norm_finite: bool,
+               backend_name: str) -> TrainingError | None:
+        reason = "non-finite loss on some rank" if nonfinite_loss else "non-finite gradients"
+        if not skipped and (nonfinite_loss or not norm_finite):
+            return TrainingError(f"step {step}: the {backend_name} backend applied an update with non-finite "
+                                f"gradients ({reason}); the weights are no longer trustworthy: resume from the last "
+                                f"checkpoint")
+        self.skipped_total += skipped
         # fp16: a skipped step is the loss scaler backing off from an overflow, which is routine.
-        bad = bool(result.poisoned) or (result.skipped and not self.fp16)
+        bad = nonfinite_loss or (skipped and not self.fp16)
         self.in_a_row = self.in_a_row + 1 if bad else 0
         self.total += bad
         if bad:
-            self.last_reason = result.poisoned or f"non-finite gradients (grad norm {norm})"
-            dist.print0(f"step {step}: {self.last_reason}; update skipped on every rank ({self.in_a_row} in a row, "
+            self.last_reason = reason
+            dist.print0(f"step {step}: {reason}; update skipped on every rank ({self.in_a_row} in a row, "
                         f"{self.total} in total)")
+        return self.stop(step) if self.exhausted else None
 
     @property
     def exhausted(self) -> bool:
-        """True once train.max_bad_steps steps in a row were bad: the run must stop (after logging)."""
+        """True once train.max_bad_steps steps in a row were bad: the run must stop."""
         return self.in_a_row >= self.max_in_a_row
 
     def stop(self, step: int) -> TrainingError:
         """The error that ends an exhausted run."""
         return TrainingError(f"stopping at step {step}: {self.in_a_row} consecutive non-finite steps "
                              f"(train.max_bad_steps={self.max_in_a_row}), all skipped; last: {self.last_reason}")
+
+
+def _norm_is_finite(norm: torch.Tensor | float | None) -> torch.Tensor | bool:
+    if norm is None:
+        return True
+    if isinstance(norm, torch.Tensor):
+        return torch.isfinite(norm.detach().float())
+    return math.isfinite(norm)

@@ -43,20 +43,25 @@ def train(cfg: Config) -> dict:
             run.ema.update()
         step += 1
         log.advance()
-        bad.record(step, result, backend.name)
-        if result.grad_norm is not None and not result.skipped:
-            window.add_update(result.grad_norm)
+        bad.record(step, result)
+        window.add_update(result)
 
-        if step % cfg.log.every == 0 or step == run.steps or bad.exhausted:
+        saved = (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step == run.steps
+        logged = step % cfg.log.every == 0 or step == run.steps
+        if logged or saved:  # the host reads the device's values only here (and at evals)
+            bad.settle(backend.name, backend.device)
+        if logged or bad.failure is not None:
             log.log(step, window.reduce(cfg.data.batch_size) | train_counters(run, bad, lrs))
             window.reset()
-        if bad.exhausted:
-            raise bad.stop(step)
-        saved = (cfg.ckpt.every and step % cfg.ckpt.every == 0) or step == run.steps
+        if bad.failure is not None:
+            raise bad.failure
         if saved:
             save(run, step, bad)
         if stop.agreed(step) and step < run.steps:
             if not saved:
+                bad.settle(backend.name, backend.device)
+                if bad.failure is not None:
+                    raise bad.failure
                 save(run, step, bad)
             dist.print0(f"stopped after step {step} ({stop.signal_name}); run the same command to resume")
             break

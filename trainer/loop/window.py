@@ -1,5 +1,5 @@
 """The logging window: sums of the loss terms, GMACs, keep ratios and grad norms since the last log step,
-reduced over ranks into means when it is logged."""
+kept on the device and reduced over ranks into means when it is logged (the only host read)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,18 @@ from trainer.infra import dist
 
 
 class MetricsWindow:
-    """Sums over the micro-batches and updates of one log window; `reduce` averages them over ranks.
+    """Sums over the micro-batches and updates of one log window, as device tensors; `reduce` averages them
+    over ranks.
 
-    Every rank adds the same keys (non-finite micro-batches are left out on all ranks alike), so the
-    reduction lines up; `micro_batches` and `updates` are the divisors.
+    Every rank adds the same keys, so the reduction lines up. A micro-batch with a non-finite loss adds zeros
+    and is not counted (`micro_batches`), a skipped update likewise (`updates`): the counts are the divisors.
     """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.micro_batches = 0
-        self.updates = 0
+        self.sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self.data_wait = 0.0
         self.start = time.time()
 
@@ -37,29 +36,43 @@ class MetricsWindow:
         self.data_wait += time.time() - t0
         return batch
 
-    def add_micro_batch(self, terms: dict[str, torch.Tensor], out) -> None:
-        """A finite micro-batch's loss terms, mean GMACs and keep ratio per stage."""
-        for k, v in terms.items():
-            self.sums[k] += float(v.detach())
-        self.sums["gmacs"] += float(out.gmacs.detach().float().mean())
-        for s, r in enumerate(out.keep_ratios.tolist()):
-            self.sums[f"keep_ratio/stage{s}"] += r
-        self.micro_batches += 1
+    def _add(self, key: str, value: torch.Tensor, counted: torch.Tensor) -> None:
+        # where(), not a product: a non-finite value times 0 would still be NaN.
+        self.sums[key] = self.sums[key] + torch.where(counted, value.detach().float(), 0.0)
 
-    def add_update(self, grad_norm: float) -> None:
-        """An applied update's grad norm (a skipped step's norm is inf or nan: not in the mean)."""
-        self.sums["grad_norm"] += grad_norm
-        self.updates += 1
+    def add_micro_batch(self, terms: dict[str, torch.Tensor], out, finite: torch.Tensor) -> None:
+        """A micro-batch's loss terms, mean GMACs and keep ratio per stage; nothing when `finite` is False."""
+        for k, v in terms.items():
+            self._add(k, v, finite)
+        self._add("gmacs", out.gmacs.detach().float().mean(), finite)
+        for s, r in enumerate(out.keep_ratios.unbind()):
+            self._add(f"keep_ratio/stage{s}", r, finite)
+        self._add("micro_batches", torch.ones((), device=finite.device), finite)
+
+    def add_update(self, result) -> None:
+        """An optimizer step's grad norm, counted only when the update was applied (`StepResult`)."""
+        norm = result.grad_norm
+        if norm is None:
+            return
+        norm = torch.as_tensor(norm, dtype=torch.float32)
+        applied = ~torch.as_tensor(result.skipped, device=norm.device).bool() & torch.isfinite(norm)
+        self._add("grad_norm", norm, applied)
+        self._add("updates", torch.ones((), device=norm.device), applied)
 
     def reduce(self, batch_size: int) -> dict[str, float]:
         """Means over the window and over ranks (sums reduced, then divided), img/s and data-wait fraction."""
-        keys = sorted(self.sums)
-        local = [self.sums[k] for k in keys] + [float(self.micro_batches), float(self.updates)]
-        *values, micro, updates = dist.all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
-        micro, updates = max(micro, 1.0), max(updates, 1.0)
+        sums = dict(self.sums)
+        counts = [sums.pop("micro_batches", 0.0), sums.pop("updates", 0.0)]
+        keys = sorted(sums)
+        device = next((v.device for v in self.sums.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        local = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                             for v in [*counts, *(sums[k] for k in keys)]])
+        micro, updates, *values = dist.all_reduce(local).tolist()  # one read for the whole window
         elapsed = max(time.time() - self.start, 1e-9)
-        scalars = {k: v / (updates if k == "grad_norm" else micro) for k, v in zip(keys, values, strict=True)}
-        if "total" in scalars:  # absent when every step of the window was skipped
+        # A mean over nothing is left out (no finite micro-batch, or every update skipped), not logged as 0.
+        scalars = {k: v / (updates if k == "grad_norm" else micro) for k, v in zip(keys, values, strict=True)
+                   if (updates if k == "grad_norm" else micro) > 0}
+        if "total" in scalars:
             scalars["loss"] = scalars.pop("total")
         scalars["img_per_s"] = micro * batch_size / elapsed
         scalars["data_wait_fraction"] = self.data_wait / elapsed

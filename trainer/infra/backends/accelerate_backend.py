@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Any
 
@@ -11,7 +10,6 @@ import torch
 from accelerate import Accelerator
 
 from trainer.config import Config
-from trainer.infra import dist
 from trainer.infra.backends.base import Backend
 from trainer.infra.checkpoint import verify_checkpoint_dir
 
@@ -32,6 +30,7 @@ class AccelerateBackend(Backend):
     rank 0 read everything): our loaders split by rank themselves."""
 
     name = "accelerate"
+    fused_optimizer = True  # its step skips non-finite updates through the fused AdamW's found_inf
 
     def __init__(self, precision: str, accum_steps: int, grad_clip: float):
         self.accelerator = Accelerator(mixed_precision=MIXED_PRECISION[precision],
@@ -80,22 +79,31 @@ class AccelerateBackend(Backend):
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> dict[str, Any]:
         if not self.accelerator.sync_gradients:
             return {}
         params = [p for p in self._model.parameters() if p.grad is not None]
         if self.grad_clip > 0:
-            norm = float(self.accelerator.clip_grad_norm_(params, self.grad_clip))
+            norm = self.accelerator.clip_grad_norm_(params, self.grad_clip)
         else:
-            norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-        # fp16: the GradScaler skips overflowing steps itself (and must see them to lower its scale).
-        # bf16/fp32: nothing would, so skip here; DDP averaged the gradients, the flag is reduced anyway.
-        if self.accelerator.scaler is None and dist.any_rank(not math.isfinite(norm), self.device):
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.accelerator.scaler is not None:
+            # fp16: the GradScaler skips overflowing steps itself (and must see them to lower its scale).
+            self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
-            return {"grad_norm": norm, "skipped": 1.0}
-        self._optimizer.step()
+            return {"grad_norm": norm, "skipped": self._optimizer.step_was_skipped}
+        # bf16/fp32: skip non-finite gradients on the device, with no host read: the fused AdamW takes the
+        # flag GradScaler would give it (`found_inf`) and leaves weights, moments and step count untouched.
+        # DDP averaged the gradients, so every rank computes the same flag.
+        skipped = (~torch.isfinite(norm.detach())).float()
+        inner = self._optimizer.optimizer
+        inner.found_inf = skipped
+        try:
+            self._optimizer.step()
+        finally:
+            del inner.found_inf
         self._optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": norm, "skipped": float(self._optimizer.step_was_skipped)}
+        return {"grad_norm": norm, "skipped": skipped}
 
     def save(self, directory: str) -> None:
         self.accelerator.save_state(directory, safe_serialization=True)

@@ -21,6 +21,8 @@ class Backend(ABC):
     device: torch.device
     input_dtype: torch.dtype = torch.float32
     """dtype the model's inputs must have (DeepSpeed casts the module itself, Accelerate autocasts)."""
+    fused_optimizer: bool = False
+    """The optimizer must be torch's fused AdamW (the backend passes it a device-side skip flag)."""
     allow_pickle: bool = False
     """`load` unpickles checkpoint files that need more than tensors (ckpt.allow_pickle; trusted files only)."""
 

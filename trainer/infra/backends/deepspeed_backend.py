@@ -96,10 +96,12 @@ class DeepSpeedBackend(Backend):
         self.engine.step()
         if not boundary:
             return {}
+        # The norm stays as DeepSpeed gives it (a tensor on the device, or a float it read itself): the loop
+        # reads it at log steps. The skip count is DeepSpeed's own host counter.
         norm = self.engine.get_global_grad_norm()  # None when DeepSpeed did not compute one
         skipped = self.engine.skipped_steps > self._skipped_before
         self._skipped_before = self.engine.skipped_steps
-        return {"skipped": float(skipped)} | ({"grad_norm": float(norm)} if norm is not None else {})
+        return {"skipped": skipped} | ({"grad_norm": norm} if norm is not None else {})
 
     def save(self, directory: str) -> None:
         # save_latest=False: DeepSpeed writes `latest` before every rank has finished; ours is written
