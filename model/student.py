@@ -112,6 +112,7 @@ class PrunedViT(nn.Module):
         self.gates.to(device=ref.device, dtype=ref.dtype)
         self._stage_at = {loc: s for s, loc in enumerate(self.locations)}
         self._scored_blocks = {loc - 1 for loc in self.locations} if gate == "asvit" else set()
+        self._block_runner = run_block  # compile_blocks swaps in the compiled version
         self.last_keep_counts: list[int] | None = None
         self.last_keep_indices: list[torch.Tensor] | None = None
         self.last_num_patches: int | None = None
@@ -143,9 +144,16 @@ class PrunedViT(nn.Module):
     def _run(
         self, blk: nn.Module, x: torch.Tensor, keep_full: torch.Tensor | None, bias: torch.Tensor | None
     ) -> torch.Tensor:
+        runner = self._block_runner
         if getattr(self.vit, "grad_checkpointing", False) and torch.is_grad_enabled():
-            return activation_checkpoint(run_block, blk, x, keep_full, bias, self.attention, use_reentrant=False)
-        return run_block(blk, x, keep_full, bias, self.attention)
+            return activation_checkpoint(runner, blk, x, keep_full, bias, self.attention, use_reentrant=False)
+        return runner(blk, x, keep_full, bias, self.attention)
+
+    def compile_blocks(self) -> None:
+        """torch.compile the training forward of each block (`train.compile`). Block by block: the gates'
+        data-dependent choices and AS-ViT's attention taps stay eager between them; weights, state dict
+        and the eval forward are untouched."""
+        self._block_runner = torch.compile(run_block)
 
     def forward_masked(
         self, images: torch.Tensor, keep_masks: list[torch.Tensor] | None = None

@@ -33,6 +33,11 @@ class Teacher(nn.Module):
         del mode
         return super().train(False)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each block's forward in place (`train.compile`); the state dict is unchanged."""
+        for blk in self.vit.blocks:
+            blk.compile()
+
     def forward(self, images: torch.Tensor) -> TeacherOutput:
         """Logits and final-normed patch tokens (prefix tokens excluded)."""
         features = self.vit.forward_features(images)

@@ -189,6 +189,8 @@ class TrainSchedule:
     """Epochs over data.train when steps is 0."""
     seed: int = 0
     """Seeds the data order, augmentation and model randomness (all pure functions of the step)."""
+    compile: bool = False
+    """torch.compile the student's and the teacher's blocks (block by block; the first steps pay the compile)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward (timm's grad checkpointing): less memory, ~1/3 more
     compute."""

@@ -254,6 +254,10 @@ def build_run(cfg: Config) -> Run:
     freeze_params(student, o.frozen_params)
     if cfg.train.activation_checkpointing:
         student.vit.set_grad_checkpointing(True)  # PrunedViT runs each block through torch's checkpoint
+    if cfg.train.compile:
+        student.compile_blocks()
+        if teacher is not None:
+            teacher.compile_blocks()
     optimizer = build_optimizer(student, schedule.base_lr, o.weight_decay, tuple(o.betas), o.eps, o.backbone_lr_scale,
                                 int(o.backbone_frozen_fraction * steps),
                                 gate_weight_decay=None if o.gate_weight_decay < 0 else o.gate_weight_decay,
