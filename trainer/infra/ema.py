@@ -44,8 +44,8 @@ class MasterShard:
 
 
 class WeightEMA:
-    """fp32 EMA of the master shards `shards()` returns (called again at every update: backends may
-    rebuild their partitions on load). `shapes` lists every parameter of the model (name -> full shape),
+    """fp32 EMA of the master shards `shards()` returns (asked again after a checkpoint load: DeepSpeed
+    relinks its fp32 partitions there). `shapes` lists every parameter of the model (name -> full shape),
     the same on every rank: a rank may hold no fragment of some."""
 
     def __init__(self, shards: Callable[[], list[MasterShard]], shapes: dict[str, tuple[int, ...]],
@@ -56,15 +56,19 @@ class WeightEMA:
         self.layout = shards()
         self.average = [s.values.detach().float().clone() for s in self.layout]
         self.updates = 0
+        self._link(self.layout)
+
+    def _link(self, layout: list[MasterShard]) -> None:
+        """The (average, master values) pairs `update` moves: the trainable shards (frozen ones never change)."""
+        pairs = [(avg, s.values) for avg, s in zip(self.average, layout, strict=True) if s.trainable]
+        self._averages = [avg for avg, _ in pairs]
+        self._masters = [values for _, values in pairs]
 
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step towards the current master weights (on the device, no host sync)."""
-        current = self.shards()
-        pairs = [(avg, s.values) for avg, s in zip(self.average, current, strict=True) if s.trainable]
-        if pairs:
-            averages, values = zip(*pairs, strict=True)
-            torch._foreach_lerp_(list(averages), [v.float() for v in values], 1.0 - self.decay)
+        if self._averages:
+            torch._foreach_lerp_(self._averages, [v.float() for v in self._masters], 1.0 - self.decay)
         self.updates += 1
 
     @torch.no_grad()
@@ -114,6 +118,7 @@ class WeightEMA:
                                      f"{tuple(avg.shape)} (another ZeRO partitioning?)")
                 avg.copy_(saved)
             self.updates = int(f.metadata().get("updates", "0"))
+        self._link(self.shards())  # the backend's load may have relinked its master partitions
 
 
 def read_ema_weights(directory: str) -> dict[str, torch.Tensor]:
