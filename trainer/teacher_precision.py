@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from data import DeviceAugment, StreamPlan, TrainLoader, resolve_split, train_transform
-from model import create_teacher
 from trainer.config import load_config, net_options
-from trainer.loop.build import build_student, resolved_augment, timm_kwargs
+from trainer.loop.build import build_student, build_teacher, resolved_augment
 
 KL_LIMIT = 1e-3  # nats: keep the bf16 default only below this (and the token MSE below its limit)
 TOKEN_MSE_LIMIT = 1e-3
@@ -32,11 +31,10 @@ TOKEN_MSE_LIMIT = 1e-3
 def measure(config: str, images: int = 2048, seed: int = 0) -> dict[str, float]:
     """The three numbers over `images` training images of the run `config` describes (CPU)."""
     cfg = load_config(config)
-    m, t = cfg.model, cfg.teacher
-    weights = (t.checkpoint or m.checkpoint) or None
-    fp32 = create_teacher(t.arch or m.arch, checkpoint=weights, allow_pickle=cfg.ckpt.allow_pickle,
-                          img_size=m.img_size, num_classes=m.num_classes,
-                          **timm_kwargs(t.kwargs or m.kwargs, m.pretrained and weights is None)).eval()
+    m = cfg.model
+    fp32 = build_teacher(cfg, torch.device("cpu"))  # the run's teacher, fp32 on a CPU
+    if fp32 is None:
+        raise SystemExit(f"{config}: teacher.enabled is false: there are no distillation targets to compare")
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)  # what build_teacher runs on a GPU
     aug = resolved_augment(cfg, build_student(cfg))
     split = resolve_split(cfg.data.train, cfg.data.train_split, net_options(cfg.data))
