@@ -33,13 +33,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Skip interpreter teardown (about a second once torch is imported): nothing needs cleaning up yet.
         os._exit(2)
     from trainer.infra import dist
-    from trainer.infra.preemption import EXIT_PREEMPTED
+    from trainer.infra.preemption import exit_preempted
     from trainer.loop.train_loop import train
 
     summary = train(cfg)
     dist.shutdown()
     if summary["stopped_early"]:
-        sys.exit(EXIT_PREEMPTED)
+        exit_preempted()
     top1 = summary.get("student_top1")
     dist.print0(f"done: {summary['steps']} steps in {summary['wall_seconds']} s"
                 + (f", student top-1 {top1:.2f}" if top1 is not None and math.isfinite(top1) else ""))

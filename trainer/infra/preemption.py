@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 from trainer.infra import dist
 
@@ -57,6 +58,19 @@ class GracefulStop:
         if stop_at <= step and not self.signal_name:
             self.signal_name = "a stop signal on another rank"
         return stop_at <= step
+
+
+def exit_preempted() -> None:
+    """Exit with EXIT_PREEMPTED, ignoring stop signals from here on.
+
+    Why ignore them: a second signal is common (SLURM signals every process of a task, pkill reaches every
+    rank of nodes that share a host, users press twice), and while the handler is a Python function it
+    would kill the rank late in its exit: interpreter finalization resets Python-handled signals to their
+    default action (terminate), and the launcher would report the signal instead of 75. Ignored signals
+    stay ignored."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(EXIT_PREEMPTED)
 
 
 def _store():
