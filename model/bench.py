@@ -2,6 +2,7 @@
 
     python -m model.bench inference --arch deit_small_patch16_224 --gate dynamicvit --keep-ratio 0.7 \
         --batch-size 16 --device cpu
+    python -m model.bench inference --runtime onnxruntime --arch deit_small_patch16_224 --batch-size 32
     python -m model.bench train-step --arch deit_small_patch16_224 --gate dynamicvit --batch-size 16
     python -m model.bench train-step --arch deit_small_patch16_224 --attention bias,fold,chunked --batch-size 16
 
@@ -15,8 +16,10 @@ import argparse
 import copy
 import functools
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -130,6 +133,62 @@ def bench_inference(
         "gmacs_dense": round(dense_g, 3), "gmacs_pruned": round(pruned_g, 3),
         "gmacs_ratio": round(dense_g / pruned_g, 3), "keep_counts": student.last_keep_counts,
         "iters": iters, **_environment(dev, dtype, seconds, cpu),
+    }
+
+
+def bench_onnxruntime(
+    arch: str = "deit_small_patch16_224",
+    gate: str = "dynamicvit",
+    keep_ratio: float = 0.7,
+    flops_budget: float = 0.65,
+    batch_size: int = 32,
+    img_size: int | None = None,
+    warmup: int = 2,
+    iters: int = 10,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Dense vs pruned exported to ONNX and run by ONNX Runtime (CPU), side by side: img/s at batch_size and
+    latency at batch 1; PyTorch's eval speed-up at batch_size in the same run, for comparison."""
+    from model.deploy import StaticPrunedViT, deploy_keep_counts, export_onnx, onnx_session, require
+
+    ort = require("onnxruntime")
+    cpu = torch.device("cpu")
+    student = create_student(arch, gate, keep_ratio, flops_budget, img_size=img_size).eval()
+    size = student.vit.patch_embed.img_size
+    images = torch.randn(batch_size, 3, *size)
+    if gate == "asvit":  # untrained thresholds keep nearly everything: time them at the budget instead
+        student.calibrate_thresholds(images)
+    counts = deploy_keep_counts(student, size[0], images)
+    graph = StaticPrunedViT(student, counts).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"dense": os.path.join(tmp, "dense.onnx"), "pruned": os.path.join(tmp, "pruned.onnx")}
+        export_onnx(student.vit, images, paths["dense"])
+        export_onnx(graph, images, paths["pruned"])
+        sessions = {name: onnx_session(path, threads) for name, path in paths.items()}
+    timings = {}
+    for label, batch, calls in (("batch", batch_size, iters), ("latency", 1, iters * 5)):
+        feed = {"images": images[:batch].numpy()}
+        fns = {name: (lambda s=session, f=feed: s.run(None, f)) for name, session in sessions.items()}
+        timings[label] = time_alternating(fns, cpu, warmup, calls)
+    with torch.inference_mode():
+        torch_wall, _ = time_alternating({"dense": lambda: student.vit(images), "pruned": lambda: graph(images)},
+                                         cpu, warmup, iters)
+    (wall, cpu_s), (latency, _) = timings["batch"], timings["latency"]
+    dense_g, pruned_g = count_flops(student.vit, size), count_flops(student, size, counts)
+    speedup = wall["dense"] / wall["pruned"]
+    return {
+        "bench": "inference", "runtime": "onnxruntime", "arch": arch, "gate": gate, "keep_ratio": keep_ratio,
+        "batch_size": batch_size, "img_size": list(size), "keep_counts": counts,
+        "dense_img_s": round(batch_size / wall["dense"], 2), "pruned_img_s": round(batch_size / wall["pruned"], 2),
+        "speedup": round(speedup, 3), "latency_dense_ms": round(latency["dense"] * 1e3, 3),
+        "latency_pruned_ms": round(latency["pruned"] * 1e3, 3),
+        "latency_speedup": round(latency["dense"] / latency["pruned"], 3),
+        "torch_speedup": round(torch_wall["dense"] / torch_wall["pruned"], 3),
+        "gmacs_dense": round(dense_g, 3), "gmacs_pruned": round(pruned_g, 3),
+        "gmacs_ratio": round(dense_g / pruned_g, 3),
+        "speedup_over_gmacs_ratio": round(speedup / (dense_g / pruned_g), 3),
+        "iters": iters, "latency_iters": iters * 5, "onnxruntime": ort.__version__, "ort_threads": threads or "default",
+        **_environment(cpu, "fp32", wall, cpu_s),
     }
 
 
@@ -258,13 +317,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate", default="dynamicvit", choices=["dynamicvit", "asvit"])
     parser.add_argument("--keep-ratio", type=float, default=0.7)
     parser.add_argument("--flops-budget", type=float, default=0.65)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default 16 (torch), 32 (onnxruntime; batch 1 is always timed too)")
     parser.add_argument("--img-size", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES))
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of torch and ONNX Runtime (default: each library's own)")
+    parser.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                        help="inference: PyTorch eval, or both models exported to ONNX and run by ONNX Runtime (CPU)")
     parser.add_argument(
         "--with-reference", action="store_true", help="train-step: also time the explicit-softmax path"
     )
@@ -279,10 +342,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark named by args.bench with parsed options."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    fn = bench_inference if args.bench == "inference" else bench_train_step
-    names = ("arch", "gate", "keep_ratio", "flops_budget", "batch_size", "img_size", "device", "dtype")
+    onnx = args.bench == "inference" and args.runtime == "onnxruntime"
+    if args.runtime == "onnxruntime" and not onnx:
+        raise SystemExit("--runtime onnxruntime: for the inference bench only")
+    if onnx and (args.device != "cpu" or args.dtype != "fp32"):
+        raise SystemExit("--runtime onnxruntime: fp32 on the CPU (CPUExecutionProvider) only")
+    if args.batch_size is None:
+        args.batch_size = 32 if onnx else 16
+    names = ("arch", "gate", "keep_ratio", "flops_budget", "batch_size", "img_size")
     kwargs = {k: getattr(args, k) for k in names}
     kwargs.update({k: getattr(args, k) for k in ("warmup", "iters") if getattr(args, k) is not None})
+    if onnx:
+        return bench_onnxruntime(**kwargs, threads=args.threads or 0)
+    fn = bench_inference if args.bench == "inference" else bench_train_step
+    kwargs.update(device=args.device, dtype=args.dtype)
     if args.bench == "train-step":
         kwargs["with_reference"] = args.with_reference
         kwargs["attention"] = args.attention

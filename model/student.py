@@ -207,17 +207,32 @@ class PrunedViT(nn.Module):
 
     def forward_pruned(self, images: torch.Tensor) -> torch.Tensor:
         """Pruned forward: at each gate keep the top-k patch tokens (CLS/prefix always kept) and go on."""
+        logits, indices = self.pruned_forward(images)
+        self.last_keep_counts = [index.shape[1] for index in indices]
+        self.last_keep_indices = indices
+        self.last_num_patches = num_patches(self._cost, tuple(images.shape[-2:]))
+        return logits
+
+    def pruned_forward(
+        self, images: torch.Tensor, keep_counts: list[int] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and the kept original patch indices per stage ([B, k_s]), with no side effects.
+
+        `keep_counts` fixes k_s at every stage (an exported AS-ViT: static shapes instead of thresholds);
+        None uses the gate's own rule (DynamicViT's int(N rho^(s+1)), AS-ViT's thresholds).
+        """
         vit, prefix = self.vit, self.vit.num_prefix_tokens
+        if keep_counts is not None and len(keep_counts) != len(self.locations):
+            raise ValueError(f"need {len(self.locations)} keep counts (one per gate), got {list(keep_counts)}")
         x = embed(vit, images)
         patches = x.shape[1] - prefix
         index = scores = None
-        counts: list[int] = []
         indices: list[torch.Tensor] = []
         for i, blk in enumerate(vit.blocks):
             stage = self._stage_at.get(i)
             if stage is not None:
-                x, index = self._gather(stage, x, scores, index, patches)
-                counts.append(index.shape[1])
+                count = None if keep_counts is None else keep_counts[stage]
+                x, index = self._gather(stage, x, scores, index, patches, count)
                 indices.append(index)
             if i in self._scored_blocks:
                 with tap_attention(blk.attn) as tap:
@@ -225,8 +240,7 @@ class PrunedViT(nn.Module):
                 scores = cls_attention_scores(blk.attn, tap, None, prefix)
             else:
                 x = blk(x)
-        self.last_keep_counts, self.last_keep_indices, self.last_num_patches = counts, indices, patches
-        return vit.forward_head(vit.norm(x))
+        return vit.forward_head(vit.norm(x)), indices
 
     def _gather(
         self,
@@ -235,15 +249,16 @@ class PrunedViT(nn.Module):
         scores: torch.Tensor | None,
         index: torch.Tensor | None,
         patches: int,
+        count: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         prefix = self.vit.num_prefix_tokens
         tokens = x[:, prefix:]
         gate = self.gates[stage]
         if self.gate_type == "dynamicvit":
             scores = gate(tokens)[..., 0]
-            k = dynamicvit_keep_count(patches, self.keep_ratio, stage)
+            k = dynamicvit_keep_count(patches, self.keep_ratio, stage) if count is None else count
         else:
-            k = gate.keep_count(scores)
+            k = gate.keep_count(scores) if count is None else count
         k = min(k, tokens.shape[1])
         # Sorting the top-k restores spatial order: cheaper to reason about, and index maps stay monotone.
         top = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values

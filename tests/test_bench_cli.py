@@ -40,3 +40,13 @@ def test_inference_bench_reports_speedup_and_gmacs(gate):
 def test_unknown_bench_prints_usage_and_fails():
     proc = subprocess.run([sys.executable, "-m", "trainer.bench", "nope"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "train-step" in proc.stderr
+
+
+def test_onnxruntime_inference_bench_times_both_exported_models_at_batch_and_batch_one():
+    pytest.importorskip("onnxruntime", reason="the deploy extra (make test installs it)")
+    out = run_bench("inference", "--runtime", "onnxruntime", *TINY)
+    assert out["runtime"] == "onnxruntime" and out["batch_size"] == 4 and out["gmacs_pruned"] < out["gmacs_dense"]
+    assert out["speedup"] == pytest.approx(out["pruned_img_s"] / out["dense_img_s"], rel=0.02)
+    assert out["latency_speedup"] == pytest.approx(out["latency_dense_ms"] / out["latency_pruned_ms"], rel=0.02)
+    assert out["speedup_over_gmacs_ratio"] == pytest.approx(out["speedup"] / out["gmacs_ratio"], rel=0.02)
+    assert out["torch_speedup"] > 0 and len(out["keep_counts"]) == 3

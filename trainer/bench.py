@@ -1,12 +1,14 @@
 """All benchmarks in one place; each prints one JSON line.
 
     python -m trainer.bench inference  --arch deit_small_patch16_224 --gate dynamicvit --keep-ratio 0.7 --batch-size 16
+    python -m trainer.bench inference  --runtime onnxruntime --arch deit_small_patch16_224 --keep-ratio 0.7
     python -m trainer.bench train-step --arch deit_small_patch16_224 --gate dynamicvit --batch-size 16
     python -m trainer.bench data       --img-size 384 --workers 1 [--data IMAGEFOLDER]
     python -m trainer.bench data       --source http [--latency-ms 50] [--mb-per-s 20]
     python -m trainer.bench teacher-precision --config runs/demo/dynamicvit/config.yaml
 
-inference: dense vs pruned eval img/s side by side, and the analytic GMACs ratio (the physical limit).
+inference: dense vs pruned eval img/s side by side, and the analytic GMACs ratio (the physical limit); with
+           --runtime onnxruntime, both exported to ONNX and run by ONNX Runtime (batch 32 and batch-1 latency).
 train-step: forward+backward of the dense and the gated student and the teacher forward, side by side;
             img/s of the distillation step, and MFU on GPUs with a known peak (H100, H200, A100).
 data: decoded+augmented img/s per worker, our shard pipeline vs timm's ImageFolder loader; with --source http,

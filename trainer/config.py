@@ -361,6 +361,17 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+def find_run_config(checkpoint: str) -> str | None:
+    """config.yaml of the run a checkpoint belongs to (run dir, or two levels above a checkpoint)."""
+    here = os.path.abspath(checkpoint)
+    for candidate in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here)),
+                      os.path.dirname(os.path.dirname(os.path.dirname(here)))):
+        path = os.path.join(candidate, "config.yaml")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Validation: everything that can be checked without a process group or a model.
 

@@ -19,20 +19,9 @@ import torch
 from data import DeviceAugment, EvalLoader, eval_transform, resolve_split
 from data.sources import redact
 from model.bench import time_alternating
-from trainer.config import load_config, net_options
+from trainer.config import find_run_config, load_config, net_options
 from trainer.loop.build import build_student, resolved_augment
 from trainer.loop.eval_loop import evaluate
-
-
-def find_run_config(checkpoint: str) -> str | None:
-    """config.yaml of the run a checkpoint belongs to (run dir, or two levels above a checkpoint)."""
-    here = os.path.abspath(checkpoint)
-    for candidate in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here)),
-                      os.path.dirname(os.path.dirname(os.path.dirname(here)))):
-        path = os.path.join(candidate, "config.yaml")
-        if os.path.isfile(path):
-            return path
-    return None
 
 
 @torch.no_grad()
