@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -57,6 +58,17 @@ def test_demo_trains_teacher_and_students_and_writes_the_report(tmp_path, monkey
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
     assert "What pruning cost" in report and "95% interval" in report
+    # Deployed: both ONNX files written by the export CLI, checked against PyTorch, timed in ONNX Runtime.
+    ort = measured["onnxruntime"]["models"]
+    assert ort.keys() == {"teacher", "dynamicvit"} and ort["teacher"]["keep_counts"] == []
+    for name, row in ort.items():
+        assert os.path.getsize(os.path.join(out, row["file"])) > 0 and row["img_s"] > 0
+        assert math.isfinite(row["max_abs_diff"])
+        assert f"| {name} | {row['file']} |" in report
+    # The dense graph has no ranking to flip; the barely trained tiny student may have near-tied scores (its
+    # strict parity is tests/test_deploy.py's job, on tie-free inputs).
+    assert ort["teacher"]["max_abs_diff"] <= 1e-4
+    assert "## Deployed: ONNX Runtime" in report
     # Evaluated periodically: the students' eval curves have a point before the end.
     with open(os.path.join(out, "dynamicvit", "metrics.jsonl")) as f:
         assert sum('"kind": "eval"' in line for line in f) >= 1

@@ -11,7 +11,9 @@
 4. an AS-ViT student the same way -> OUT/asvit;
 5. `trainer.evaluate` on each, then side-by-side CPU img/s of the three, kept-token precision against the
    digits' boxes, overlays and curves -> OUT/summary.json, OUT/report.md, OUT/*.png;
-6. prints the TensorBoard command.
+6. `trainer.export --format onnx` of the teacher and the DynamicViT student -> OUT/onnx/*.onnx, timed side by
+   side in ONNX Runtime: the speed-up a deployment keeps;
+7. prints the TensorBoard command.
 
 Every stage is the real CLI a user would run (they are printed as they start), so the demo is also the
 integration test of the launchers, the checkpoint/export round trip and the evaluate CLI.
@@ -30,7 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
-from trainer.demo.report import GOALS, measure_models, write_report
+from trainer.demo.report import DEPLOYED, GOALS, measure_models, measure_onnxruntime, write_report
 from trainer.infra.dist import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,6 +105,14 @@ def evaluate_run(run_dir: str, shards: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def export_onnx(run_dir: str, path: str) -> dict:
+    """The export CLI's JSON for a run's ONNX graph (static token counts, checked against PyTorch)."""
+    stdout = _run(f"export {os.path.basename(run_dir)} to ONNX", [
+        sys.executable, "-m", "trainer.export", "--checkpoint", run_dir, "--out", path, "--format", "onnx"],
+        capture=True)
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def run_demo(out: str, procs: int = 2, train_per_class: int = 2000, val_per_class: int = 200,
              teacher_epochs: float = 3, student_epochs: float = 2, asvit_epochs: float = 2,
              data_workers: int = 2) -> dict:
@@ -133,6 +143,8 @@ def run_demo(out: str, procs: int = 2, train_per_class: int = 2000, val_per_clas
     evals = {name: evaluate_run(run_dir, shards) for name, run_dir in runs.items()}
     print("\n=== measure: side-by-side CPU img/s, kept-token precision, figures", flush=True)
     measured = measure_models(runs, shards, out)
+    exports = {name: export_onnx(runs[name], os.path.join(out, "onnx", f"{name}.onnx")) for name in DEPLOYED}
+    measured["onnxruntime"] = measure_onnxruntime(exports, shards)
     seconds["evaluate_and_report"] = round(time.time() - t0, 1)
     seconds["total"] = round(time.time() - start, 1)
 
@@ -164,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except DemoError as e:
         sys.exit(f"demo: {e}")
     print(f"\n=== done in {summary['seconds']['total'] / 60:.1f} min")
+    ort = summary["measured"]["onnxruntime"]["models"]["dynamicvit"]
+    print(f"  DynamicViT student speed-up over the teacher: ONNX Runtime {ort['speedup_vs_teacher']:.2f}x, PyTorch "
+          f"{summary['measured']['models']['dynamicvit']['speedup_vs_teacher']:.2f}x")
     for name, goal in summary["goals"].items():
         print(f"  {'met   ' if goal['met'] else 'MISSED'} {name}: {goal['text']}")
     print(f"report: {os.path.join(out, 'report.md')}\nsummary: {os.path.join(out, 'summary.json')}")

@@ -193,6 +193,31 @@ def measure_models(runs: dict[str, str], shards_dir: str, out_dir: str, batch_si
     return out
 
 
+DEPLOYED = ("teacher", "dynamicvit")  # exported to ONNX by the demo: the dense model and the static-count student
+
+
+def measure_onnxruntime(exports: dict[str, dict], shards_dir: str, batch_size: int = 64, iters: int = 7) -> dict:
+    """Side-by-side ONNX Runtime (CPU) img/s of the exported models on the val batch measure_models times,
+    preprocessed as a deployer would: with the mean and std the ONNX file carries."""
+    from model.bench import time_alternating
+    from model.deploy import onnx_session
+
+    sessions = {name: onnx_session(export["out"]) for name, export in exports.items()}
+    meta = next(iter(sessions.values())).get_modelmeta().custom_metadata_map
+    mean, std = (torch.tensor(json.loads(meta[key])).view(1, 3, 1, 1) for key in ("mean", "std"))
+    images, _, _ = next(boxed_val_batches(shards_dir, batch_size))
+    feed = {"images": ((images.float() / 255 - mean) / std).numpy()}
+    fns = {name: (lambda s=session: s.run(None, feed)) for name, session in sessions.items()}
+    wall, _ = time_alternating(fns, torch.device("cpu"), warmup=2, iters=iters)
+    out: dict = {"batch_size": int(images.shape[0]), "iters": iters, "models": {}}
+    for name, export in exports.items():
+        out["models"][name] = {
+            "img_s": images.shape[0] / wall[name], "speedup_vs_teacher": wall["teacher"] / wall[name],
+            "max_abs_diff": export["max_abs_diff"], "megabytes": export["megabytes"],
+            "keep_counts": export["keep_counts"], "file": os.path.join("onnx", os.path.basename(export["out"]))}
+    return out
+
+
 def _student_goals(name: str) -> dict:
     def accuracy(s: dict) -> dict:
         teacher, student = s["evaluate"]["teacher"]["student_top1"], s["evaluate"][name]["student_top1"]
@@ -274,6 +299,20 @@ def write_report(summary: dict, path: str) -> None:
         lines.append(f"| {name} | {1 - ev[name]['student_gmacs'] / dense:.1%} | {p['top1_diff']:+.2f} "
                      f"+- {p['top1_diff_ci95']:.2f} points | {p['student_only_right']:.0f} / "
                      f"{p['teacher_only_right']:.0f} |")
+    ort = summary["measured"]["onnxruntime"]
+    lines += ["", "## Deployed: ONNX Runtime", "",
+              "`python -m trainer.export --checkpoint OUT/<run> --out OUT/onnx/<run>.onnx --format onnx` wrote each "
+              "graph (the student's with a fixed token count per stage and a dynamic batch axis) and checked it "
+              f"against PyTorch. ONNX Runtime (CPUExecutionProvider) timed the files alternately on the same val "
+              f"batch of {ort['batch_size']} (median of {ort['iters']}), preprocessed with the mean and std the "
+              "files carry.", "",
+              "| model | file | MB | tokens kept per stage | max abs logit diff vs PyTorch | ONNX Runtime img/s "
+              "| speed-up in ONNX Runtime | speed-up in PyTorch |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in ort["models"].items():
+        counts = ", ".join(map(str, row["keep_counts"])) or "all"
+        lines.append(f"| {name} | {row['file']} | {row['megabytes']:.1f} | {counts} | {row['max_abs_diff']:.1e} | "
+                     f"{row['img_s']:.0f} | {row['speedup_vs_teacher']:.2f}x | "
+                     f"{meas[name].get('speedup_vs_teacher', 1.0):.2f}x |")
     lines += ["", "## Goals", ""]
     for name, goal in summary["goals"].items():
         lines.append(f"- **{'met' if goal['met'] else 'MISSED'}**: {name}: {goal['text']}")
