@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.flops import num_patches
 from model.student import PrunedViT
 
 DEPLOY_EXTRA = 'pip install -e ".[deploy]"  (onnx, onnxscript, onnxruntime)'
@@ -59,12 +58,14 @@ class StaticPrunedViT(nn.Module):
 
 
 @torch.no_grad()
-def deploy_keep_counts(student: PrunedViT, img_size: int, calibration_images: torch.Tensor | None = None) -> list[int]:
+def deploy_keep_counts(student: PrunedViT, img_size: int, calibration_images: torch.Tensor | None = None,
+                       chunk: int = 32) -> list[int]:
     """Tokens each gate keeps in the exported graph.
 
-    DynamicViT: its eval counts int(N rho^(s+1)). AS-ViT: the eval rule on the whole calibration batch at
-    once, which keeps at each stage the mean over images of the count above the threshold (given the counts
-    already fixed before it): the same average budget as the thresholds, the same count for every image.
+    DynamicViT: its eval counts int(N rho^(s+1)). AS-ViT: stage by stage, the mean over the calibration
+    images of the tokens above the stage's threshold, the earlier stages keeping the counts already fixed
+    (what the eval rule gives for all the images as one batch): the thresholds' average budget, the same
+    count for every image. `chunk` images per forward bound the memory (577-token attention at 384 px).
     """
     if student.gate_type != "asvit":
         return student.eval_keep_counts(img_size) if student.locations else []
@@ -72,16 +73,25 @@ def deploy_keep_counts(student: PrunedViT, img_size: int, calibration_images: to
         raise ValueError("an AS-ViT export fixes each stage's keep count from calibration images: give some "
                          "(trainer.export reads the run's data.val, or --calibration-data), or the counts themselves")
     was_training = student.training
+    student.eval()
+    counts: list[int] = []
     try:
-        _, indices = student.eval().pruned_forward(calibration_images)
+        for stage, gate in enumerate(student.gates):
+            above = 0.0
+            for part in calibration_images.split(chunk):
+                student.pruned_forward(part, [*counts, *[None] * (len(student.gates) - stage)])
+                above += float(gate.last_above.sum())
+            entering = counts[-1] if counts else student.patches_at(img_size)
+            mean = torch.tensor(above / calibration_images.shape[0])
+            counts.append(max(1, min(entering, int(torch.round(mean)))))  # ThresholdGate.keep_count's rounding
     finally:
         student.train(was_training)
-    return [index.shape[1] for index in indices]
+    return counts
 
 
 def check_keep_counts(student: PrunedViT, img_size: int, keep_counts: Sequence[int]) -> None:
     """Counts a graph can keep: one per gate, each >= 1, never more than the stage before (nor the patches)."""
-    patches = num_patches(student._cost, img_size)
+    patches = student.patches_at(img_size)
     counts = list(keep_counts)
     if len(counts) != len(student.locations):
         raise ValueError(f"keep counts {counts}: need {len(student.locations)} (one per gate)")
@@ -180,7 +190,7 @@ def onnx_attention_tokens(path: str) -> list[int]:
 def expected_attention_tokens(student: PrunedViT, img_size: int, keep_counts: Sequence[int]) -> list[int]:
     """What onnx_attention_tokens should read for a graph of `student` keeping `keep_counts`."""
     prefix = student.vit.num_prefix_tokens
-    live = num_patches(student._cost, img_size)
+    live = student.patches_at(img_size)
     tokens = []
     for block in range(len(student.vit.blocks)):
         if block in student.locations:

@@ -81,6 +81,7 @@ class ThresholdGate(nn.Module):
         self.threshold = nn.Parameter(torch.full((1,), float(init)))
         self.attn_dim = attn_dim  # of the scored block: sets the scoring cost
         self.calibrate_to: int | None = None  # set by PrunedViT.calibrate_thresholds for one forward
+        self.last_above: torch.Tensor | None = None  # [B] tokens above theta in the last eval forward
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         """Straight-through mask [B, N] in {0, 1}: hard step forward, sigmoid((S - theta)/T) backward."""
@@ -99,6 +100,7 @@ class ThresholdGate(nn.Module):
             return self._calibrate(scores)
         with fp32_region(scores.device.type):
             above = (scores.float() > self.threshold.float()).sum(dim=-1).float()
+        self.last_above = above  # per image: what an export's calibration averages over many batches
         return max(1, min(scores.shape[-1], int(torch.round(above.mean()).item())))
 
 

@@ -8,6 +8,7 @@ are gathered away, so later blocks really run on fewer tokens.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -210,16 +211,16 @@ class PrunedViT(nn.Module):
         logits, indices = self.pruned_forward(images)
         self.last_keep_counts = [index.shape[1] for index in indices]
         self.last_keep_indices = indices
-        self.last_num_patches = num_patches(self._cost, tuple(images.shape[-2:]))
+        self.last_num_patches = self.patches_at(tuple(images.shape[-2:]))
         return logits
 
     def pruned_forward(
-        self, images: torch.Tensor, keep_counts: list[int] | None = None
+        self, images: torch.Tensor, keep_counts: Sequence[int | None] | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits and the kept original patch indices per stage ([B, k_s]), with no side effects.
+        """Logits and the kept original patch indices per stage ([B, k_s]), without touching `last_*`.
 
-        `keep_counts` fixes k_s at every stage (an exported AS-ViT: static shapes instead of thresholds);
-        None uses the gate's own rule (DynamicViT's int(N rho^(s+1)), AS-ViT's thresholds).
+        `keep_counts` fixes k_s per stage (an exported AS-ViT: static shapes instead of thresholds); None,
+        or a None entry, uses the gate's own rule (DynamicViT's int(N rho^(s+1)), AS-ViT's thresholds).
         """
         vit, prefix = self.vit, self.vit.num_prefix_tokens
         if keep_counts is not None and len(keep_counts) != len(self.locations):
@@ -272,6 +273,10 @@ class PrunedViT(nn.Module):
         prefix = self._cost.num_prefix
         gate_gmacs = [gate.gmacs(n, prefix) for gate, n in zip(self.gates, entering, strict=True)]
         return pruned_gmacs(self._cost, patches, self.locations, list(kept), gate_gmacs)
+
+    def patches_at(self, img_size: int | tuple[int, int]) -> int:
+        """Patch tokens (prefix excluded) entering the first block at img_size."""
+        return num_patches(self._cost, img_size)
 
     def eval_keep_counts(self, img_size: int | tuple[int, int]) -> list[int]:
         """Kept patch tokens per stage in eval at img_size (see model.count_flops for the rules)."""
