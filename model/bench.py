@@ -178,7 +178,7 @@ def bench_onnxruntime(
     speedup = wall["dense"] / wall["pruned"]
     return {
         "bench": "inference", "runtime": "onnxruntime", "arch": arch, "gate": gate, "keep_ratio": keep_ratio,
-        "batch_size": batch_size, "img_size": list(size), "keep_counts": counts,
+        "flops_budget": flops_budget, "batch_size": batch_size, "img_size": list(size), "keep_counts": counts,
         "dense_img_s": round(batch_size / wall["dense"], 2), "pruned_img_s": round(batch_size / wall["pruned"], 2),
         "speedup": round(speedup, 3), "latency_dense_ms": round(latency["dense"] * 1e3, 3),
         "latency_pruned_ms": round(latency["pruned"] * 1e3, 3),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -43,7 +44,8 @@ def test_unknown_bench_prints_usage_and_fails():
 
 
 def test_onnxruntime_inference_bench_times_both_exported_models_at_batch_and_batch_one():
-    pytest.importorskip("onnxruntime", reason="the deploy extra (make test installs it)")
+    if os.environ.get("CI") != "true":  # under CI a missing deploy extra fails instead of skipping
+        pytest.importorskip("onnxruntime", reason="the deploy extra (make test installs it)")
     out = run_bench("inference", "--runtime", "onnxruntime", *TINY)
     assert out["runtime"] == "onnxruntime" and out["batch_size"] == 4 and out["gmacs_pruned"] < out["gmacs_dense"]
     assert out["speedup"] == pytest.approx(out["pruned_img_s"] / out["dense_img_s"], rel=0.02)

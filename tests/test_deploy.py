@@ -33,7 +33,8 @@ from trainer.deploy import GraphOptions, data_images, export_graph, load_run_stu
 from trainer.infra.checkpoint import resolve_checkpoint
 from trainer.infra.ema import read_ema_weights
 
-pytest.importorskip("onnxruntime", reason="the deploy extra (make test installs it)")
+if os.environ.get("CI") != "true":  # under CI a missing deploy extra fails the tests instead of skipping them
+    pytest.importorskip("onnxruntime", reason="the deploy extra (make test installs it)")
 
 TOLERANCE = 1e-4  # max |logit diff|, fp32
 
