@@ -99,6 +99,16 @@ def _environment(
     return env
 
 
+def _eval_student(arch: str, gate: str, keep_ratio: float, flops_budget: float, img_size: int | None,
+                  batch_size: int, device: torch.device) -> tuple[PrunedViT, torch.Tensor]:
+    """A randomly initialised student in eval mode and a random batch at its input size."""
+    student = create_student(arch, gate, keep_ratio, flops_budget, img_size=img_size).eval().to(device)
+    images = torch.randn(batch_size, 3, *student.vit.patch_embed.img_size, device=device)
+    if gate == "asvit":  # untrained thresholds keep nearly everything: time them at the budget instead
+        student.calibrate_thresholds(images)
+    return student, images
+
+
 def bench_inference(
     arch: str = "deit_small_patch16_224",
     gate: str = "dynamicvit",
@@ -113,11 +123,8 @@ def bench_inference(
 ) -> dict[str, Any]:
     """Eval-mode img/s of the dense timm model vs the pruned student (same weights), and their GMACs."""
     dev = torch.device(device)
-    student = create_student(arch, gate, keep_ratio, flops_budget, img_size=img_size).eval().to(dev)
+    student, images = _eval_student(arch, gate, keep_ratio, flops_budget, img_size, batch_size, dev)
     size = student.vit.patch_embed.img_size
-    images = torch.randn(batch_size, 3, *size, device=dev)
-    if gate == "asvit":  # untrained thresholds keep nearly everything: time them at the budget instead
-        student.calibrate_thresholds(images)
     with torch.inference_mode(), _autocast(dev, dtype):
         seconds, cpu = time_alternating(
             {"dense": lambda: student.vit(images), "pruned": lambda: student(images)}, dev, warmup, iters
@@ -153,11 +160,8 @@ def bench_onnxruntime(
 
     ort = require("onnxruntime")
     cpu = torch.device("cpu")
-    student = create_student(arch, gate, keep_ratio, flops_budget, img_size=img_size).eval()
+    student, images = _eval_student(arch, gate, keep_ratio, flops_budget, img_size, batch_size, cpu)
     size = student.vit.patch_embed.img_size
-    images = torch.randn(batch_size, 3, *size)
-    if gate == "asvit":  # untrained thresholds keep nearly everything: time them at the budget instead
-        student.calibrate_thresholds(images)
     counts = deploy_keep_counts(student, size[0], images)
     graph = StaticPrunedViT(student, counts).eval()
     with tempfile.TemporaryDirectory() as tmp:
