@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests.helpers import make_shards
 from tests.launch import REPO
 
 TINY = ["--arch", "vit_tiny_patch16_224", "--img-size", "64", "--batch-size", "4", "--warmup", "1", "--iters", "2",
@@ -52,3 +53,24 @@ def test_onnxruntime_inference_bench_times_both_exported_models_at_batch_and_bat
     assert out["latency_speedup"] == pytest.approx(out["latency_dense_ms"] / out["latency_pruned_ms"], rel=0.02)
     assert out["speedup_over_gmacs_ratio"] == pytest.approx(out["speedup"] / out["gmacs_ratio"], rel=0.02)
     assert out["torch_speedup"] > 0 and len(out["keep_counts"]) == 3
+
+
+def test_gate_gradients_reports_each_terms_gradient_on_the_gates(tmp_path):
+    make_shards(str(tmp_path), [8], prefix="val")
+    shards = str(tmp_path / "val-000000.tar")
+    proc = subprocess.run(
+        [sys.executable, os.path.join("benchmarks", "gate_gradients.py"), "--config",
+         os.path.join("trainer", "configs", "smoke.yaml"), "--set", f"data.train={shards}", "--set",
+         f"data.val={shards}", "--batches", "2", "--batch-size", "4"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["batch"] for line in lines] == [0, 1]
+    for line in lines:
+        assert set(line["param_grad_norm"]) == {"ce", "ratio", "kd", "tok"}
+        assert line["param_grad_norm"]["ratio"] > 0  # the ratio term reaches the predictors
+        for stages in line["mask_grad"].values():
+            assert len(stages) == 3
+            for stage in stages:
+                assert stage["quantiles"] == sorted(stage["quantiles"])
+                assert 0 <= stage["above_1_dropped"] <= stage["above_1"]
