@@ -27,9 +27,9 @@ from dataclasses import asdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, run from anywhere
-from data import DeviceAugment, EvalLoader, eval_transform, resolve_split
-from trainer.config import load_config, net_options
-from trainer.loop.build import build_student, build_teacher, resolved_augment
+from data import DeviceAugment
+from trainer.config import load_config
+from trainer.loop.build import build_eval_loader, build_student, build_teacher, resolved_augment
 from trainer.loop.losses import LossWeights, compute_losses
 
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
@@ -64,10 +64,7 @@ def main() -> None:
     cpu = torch.device("cpu")
     student, teacher = build_student(cfg).train(), build_teacher(cfg, cpu)
     aug = resolved_augment(cfg, student)
-    val = resolve_split(cfg.data.val, cfg.data.val_split, net_options(cfg.data), cfg.data.count_samples)
-    img = cfg.model.img_size
-    loader = EvalLoader(val.shards, args.batch_size, 0, 1, eval_transform(img, aug), cfg.model.num_classes,
-                        0, image_shape=(3, img, img))
+    loader = build_eval_loader(cfg, aug, cfg.data.val, cfg.data.val_split, args.batch_size)
     normalize = DeviceAugment(aug, cfg.model.num_classes).normalize
     weights = LossWeights.from_config(cfg.prune, distill=teacher is not None)
     gates = [param for name, param in student.named_parameters() if name.startswith("gates.")]

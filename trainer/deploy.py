@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data import DeviceAugment, EvalLoader, eval_transform, resolve_split
+from data import DeviceAugment
 from data.sources import redact
 from data.transforms import MEAN, STD
 from model.deploy import (
@@ -37,10 +37,10 @@ from model.deploy import (
 )
 from model.flops import count_flops
 from model.student import PrunedViT
-from trainer.config import Config, find_run_config, load_config, net_options
+from trainer.config import Config, find_run_config, load_config
 from trainer.infra.checkpoint import resolve_checkpoint
 from trainer.infra.ema import read_ema_weights
-from trainer.loop.build import build_student, resolved_augment
+from trainer.loop.build import build_eval_loader, build_student, resolved_augment
 
 GRAPH_FORMATS = ("onnx", "torch-export")
 VERIFY_IMAGES = 8  # images the export runs through its file and PyTorch to report the logit difference
@@ -83,11 +83,8 @@ def data_images(cfg: Config, student: PrunedViT, data: str | None, count: int) -
     source = data or cfg.data.val
     if not source or count <= 0:
         return None
-    img, aug, net = cfg.model.img_size, resolved_augment(cfg, student), net_options(cfg.data)
-    split = resolve_split(source, cfg.data.val_split, net, cfg.data.count_samples)
-    loader = EvalLoader(split.shards, count, 0, 1, eval_transform(img, aug), cfg.model.num_classes, 0,
-                        image_shape=(3, img, img), net=net)
-    batch = next(iter(loader))
+    aug = resolved_augment(cfg, student)
+    batch = next(iter(build_eval_loader(cfg, aug, source, cfg.data.val_split, count)))
     images = batch["image"][batch["valid"]] if "valid" in batch else batch["image"]
     return DeviceAugment(aug, cfg.model.num_classes).normalize(images)
 

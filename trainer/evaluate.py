@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 import torch
 
-from data import DeviceAugment, EvalLoader, eval_transform, resolve_split
+from data import DeviceAugment
 from data.sources import redact
 from model.bench import time_alternating
-from trainer.config import find_run_config, load_config, net_options
-from trainer.loop.build import build_student, resolved_augment
+from trainer.config import find_run_config, load_config
+from trainer.loop.build import build_eval_loader, build_student, resolved_augment
 from trainer.loop.eval_loop import evaluate
 
 
@@ -60,10 +60,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     student = build_student(cfg, args.checkpoint).eval()
     img = cfg.model.img_size
     aug = resolved_augment(cfg, student)
-    net = net_options(cfg.data)
-    split = resolve_split(data, args.split or cfg.data.val_split, net, cfg.data.count_samples)
-    loader = EvalLoader(split.shards, args.batch_size, 0, 1, eval_transform(img, aug), cfg.model.num_classes,
-                        args.workers, image_shape=(3, img, img), net=net)
+    loader = build_eval_loader(cfg, aug, data, args.split or cfg.data.val_split, args.batch_size,
+                               workers=args.workers)
     normalize = DeviceAugment(aug, cfg.model.num_classes).normalize
     result = evaluate(student, student, loader, normalize, torch.device("cpu"), torch.float32, img)
     first = next(iter(loader))

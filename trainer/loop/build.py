@@ -127,10 +127,17 @@ def build_loaders(cfg: Config, aug: AugmentConfig, device: torch.device) -> tupl
                          use_processes=cfg.data.workers > 0, any_rank=StoreAnyRank("data-skip-rate"))
     if not cfg.data.val:
         return loader, None
-    val = resolve_split(d.val, d.val_split, net, d.count_samples)
-    eval_loader = EvalLoader(val.shards, d.eval_batch_size or d.batch_size, rank, world, eval_transform(img, aug),
-                             cfg.model.num_classes, d.workers, image_shape=(3, img, img), net=net)
-    return loader, eval_loader
+    return loader, build_eval_loader(cfg, aug, d.val, d.val_split, d.eval_batch_size or d.batch_size, rank, world,
+                                     d.workers)
+
+
+def build_eval_loader(cfg: Config, aug: AugmentConfig, source: str, split: str, batch_size: int, rank: int = 0,
+                      world: int = 1, workers: int = 0) -> EvalLoader:
+    """The exact eval loader of `source` (a split of a shard folder, or a pattern) at the model's input size."""
+    img, net = cfg.model.img_size, net_options(cfg.data)
+    shards = resolve_split(source, split, net, cfg.data.count_samples).shards
+    return EvalLoader(shards, batch_size, rank, world, eval_transform(img, aug), cfg.model.num_classes, workers,
+                      image_shape=(3, img, img), net=net)
 
 
 def total_steps(cfg: Config, loader: TrainLoader) -> int:
